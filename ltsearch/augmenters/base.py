@@ -1,0 +1,207 @@
+"""The augmenter interface: one small plug-in base class the engine talks to, and a registry.
+
+The backbone is a sequence of stages; the engine runs stages up to the insertion boundary k, hands
+the feature map and labels to the augmenter, and runs the remaining stages on what comes back:
+
+    feats  = model.forward_until(k, x)
+    out    = augmenter(feats, labels, state)
+    logits = model.forward_from(k, out.feats)
+    loss   = cls_weight * cls_loss(logits, out.labels, out.sample_weights)
+             + sum(loss_weights[name] * term for name, term in out.aux_losses.items())
+
+An augmenter therefore may append generated samples (RSG, SAFA), replace inputs (M2m at k = 0),
+re-weight samples (SMART's ω) and add named auxiliary losses whose weights are config keys, so a
+weight of 0 removes the term (ablations) and every λ is searchable. It is an `nn.Module`: learnable
+parts are trained by the engine's optimiser, buffers and `get_extra_state` travel in checkpoints.
+It is idle before `start_epoch` (T_th) and never called at evaluation.
+
+A method registers itself with
+
+    @AUGMENTERS.register("smart", config=SmartConfig,
+                         defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5})
+    class Smart(Augmenter): ...
+
+`defaults` are the paper's: `insert_at` may count from the end (-1 = the last feature map, before
+pooling), `start_fraction` is T_th as a fraction of `train.epochs` (RSG: 160/200 = 0.8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ltsearch.errors import ConfigError
+from ltsearch.registry import AUGMENTERS
+
+if TYPE_CHECKING:
+    from ltsearch.config import RunConfig
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Shape of one sample's feature map at the insertion boundary (the input image when k = 0)."""
+
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass
+class AugmenterContext:
+    """Everything an augmenter may need at construction; built once per run by the engine.
+
+    `head_mask[c]` is True for the round(γ·C) most frequent classes (γ = head_ratio, ties broken by
+    class index, at least one head and one tail class). `reference_model` builds (or loads from the
+    on-disk cache) a classifier trained by plain ERM on the same data, model and seed — M2m's g; it
+    is a callable so that only methods that need it pay for it.
+    """
+
+    config: "RunConfig"
+    insert_at: int
+    start_epoch: int
+    head_ratio: float
+    feature: FeatureSpec
+    num_classes: int
+    class_counts: torch.Tensor
+    head_mask: torch.Tensor
+    device: torch.device
+    cache_dir: Path
+    input_range: tuple[float, float] = (0.0, 1.0)
+    reference_model: Any = None
+
+
+@dataclass
+class TrainState:
+    """Where training is, handed to the augmenter on every step.
+
+    `model` is the backbone being trained (its `classifier` holds W, b; `forward_from(k, h)` gives
+    logits for any features at boundary k). `epoch` and `step` are 0-indexed.
+    """
+
+    epoch: int
+    epochs: int
+    step: int
+    steps_per_epoch: int
+    model: nn.Module
+    class_weights: torch.Tensor | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def progress(self) -> float:
+        """t / T over all iterations, e.g. for ISDA/LCReg's λ = (t/T)·λ0."""
+        return self.step / max(1, self.total_steps)
+
+
+@dataclass
+class AugmentOutput:
+    """What an augmenter returns: features (maybe extended), labels, optional weights, named raw loss terms."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    sample_weights: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def head_class_mask(class_counts: torch.Tensor, head_ratio: float) -> torch.Tensor:
+    """Boolean mask of head classes: the round(γ·C) most frequent (stable on ties), clipped to [1, C-1]."""
+    num_classes = class_counts.numel()
+    num_head = min(max(int(round(head_ratio * num_classes)), 1), num_classes - 1)
+    order = sorted(range(num_classes), key=lambda c: (-int(class_counts[c]), c))
+    mask = torch.zeros(num_classes, dtype=torch.bool)
+    mask[order[:num_head]] = True
+    return mask
+
+
+class Augmenter(nn.Module):
+    """Base class: identity everywhere, so a method overrides only what it changes.
+
+    Subclasses implement `augment` (active phase, epoch >= start_epoch) and may override
+    `before_start` (e.g. RSG trains its centres before T_th), `sampler` (which training sampler the
+    method needs this epoch), `loss_weights` and the epoch hooks.
+    """
+
+    #: boundaries the method can sit at, as a predicate on (k, number_of_boundaries); default: any but the input
+    input_only: ClassVar[bool] = False
+
+    def __init__(self, context: AugmenterContext):
+        super().__init__()
+        self.context = context
+        self.insert_at = context.insert_at
+        self.start_epoch = context.start_epoch
+        self.num_classes = context.num_classes
+        self.register_buffer("class_counts", context.class_counts.clone().long(), persistent=False)
+        self.register_buffer("head_mask", context.head_mask.clone().bool(), persistent=False)
+
+    # ------------------------------------------------------------------ what the engine calls
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.start_epoch
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:
+        if self.active(state.epoch):
+            return self.augment(feats, labels, state)
+        return self.before_start(feats, labels, state)
+
+    def sampler(self, epoch: int) -> str | None:
+        """Name of the training sampler this method needs in `epoch`, or None to leave the choice to the loss schedule."""
+        return None
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each named auxiliary loss term, read from the method's config section."""
+        return {}
+
+    @property
+    def cls_weight(self) -> float:
+        """Weight of the classification loss (LCReg's γ; 1 for the others)."""
+        return 1.0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before the first step of every training epoch (e.g. to freeze a module after T_th)."""
+
+    # ------------------------------------------------------------------ what a method overrides
+    def augment(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:
+        return AugmentOutput(feats, labels)
+
+    def before_start(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:
+        return AugmentOutput(feats, labels)
+
+
+@AUGMENTERS.register("none", defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5})
+class NoAugmenter(Augmenter):
+    """Plain training: the engine's baseline, so runs with and without a method share one code path."""
+
+
+def resolve_insert_at(name: str, insert_at: int | None, num_boundaries: int, input_only: bool) -> int:
+    """Turn the configured (or paper-default) boundary into an index in [0, num_boundaries), or fail clearly."""
+    value = insert_at if insert_at is not None else AUGMENTERS.get(name).meta["defaults"]["insert_at"]
+    index = value + num_boundaries if value < 0 else value
+    allowed = [0] if input_only else list(range(1, num_boundaries))
+    if index not in allowed:
+        raise ConfigError("augmenter.insert_at", value,
+                          f"a stage boundary that '{name}' supports on this backbone: one of {allowed} (or counted from the end, -1 = last)",
+                          hint="0 is the input; the last index is the final feature map before pooling.")
+    return index
+
+
+def resolve_start_epoch(name: str, start_epoch: int | None, epochs: int) -> int:
+    if start_epoch is not None:
+        return start_epoch
+    return int(math.floor(AUGMENTERS.get(name).meta["defaults"]["start_fraction"] * epochs))
+
+
+def resolve_head_ratio(name: str, head_ratio: float | None) -> float:
+    return head_ratio if head_ratio is not None else AUGMENTERS.get(name).meta["defaults"]["head_ratio"]
+
+
+def create_augmenter(context: AugmenterContext) -> Augmenter:
+    """Build the configured method from the registry; the engine never names a method."""
+    name = context.config.augmenter.name
+    return AUGMENTERS.get(name).obj(context)

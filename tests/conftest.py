@@ -1,0 +1,23 @@
+"""Shared test set-up: one torch thread per test process (2-core CI), paths to the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LTSEARCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR10_DIR = SHARED_DATA / "cifar-10-batches-py"
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    """Root holding cifar-10-batches-py (the real files); skips the test when they are absent."""
+    if not (CIFAR10_DIR / "data_batch_1").is_file():
+        pytest.skip(f"real CIFAR-10 files not found under {CIFAR10_DIR} (set LTSEARCH_SHARED_DATA)")
+    return SHARED_DATA
