@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -223,11 +224,15 @@ class TrainConfig:
     channels_last: bool = True
     eval_batch_size: int = 512
     threads: int | None = None
+    select_metric: str = "val/top1"
 
     def validate(self, where: str) -> None:
         check.number(f"{where}.epochs", self.epochs, low=1)
         check.number(f"{where}.seed", self.seed, low=0)
         check.number(f"{where}.eval_batch_size", self.eval_batch_size, low=1)
+        if not self.select_metric.startswith("val/"):
+            raise ConfigError(f"{where}.select_metric", self.select_metric, "a validation metric such as 'val/top1' or 'val/bacc'",
+                              hint="Selecting on test leaks the test set; the best-test number is reported as legacy/best_test_top1.")
         if self.threads is not None:
             check.number(f"{where}.threads", self.threads, low=1)
 
@@ -360,6 +365,25 @@ def to_dict(config: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------- raw dict layer
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` as a string, which every lr breaks on."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b.c=value` -> ("a.b.c", value parsed as a YAML scalar or list)."""
     if "=" not in text:
@@ -369,7 +393,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError("--set", text, "the form dotted.key=value with a non-empty dotted key, e.g. --set optim.lr=0.05")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = load_yaml_text(value_text) if value_text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(key, value_text, f"a YAML scalar or list ({error.__class__.__name__})") from None
     return key, value
@@ -409,22 +433,26 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, following `base: other.yaml` (relative to the file) for inheritance."""
+    """Read a YAML mapping, following `base: other.yaml` or `base: [a.yaml, b.yaml]` (relative to the file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("file", str(path), "an existing YAML file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml_text(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError("file", str(path), f"valid YAML ({error})") from None
     if not isinstance(raw, dict):
         raise ConfigError("file", str(path), "a YAML mapping at the top level")
     base = raw.pop("base", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError("base", base, "a path to another YAML file", source=str(path))
-        raw = merge(read_yaml(path.parent / base), raw)
-    return raw
+    if base is None:
+        return raw
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError("base", base, "a path (or list of paths) to other YAML files, relative to this one", source=str(path))
+    merged: dict = {}
+    for parent in bases:  # later bases override earlier ones; this file overrides them all
+        merged = merge(merged, read_yaml(path.parent / parent))
+    return merge(merged, raw)
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:

@@ -13,7 +13,8 @@ An augmenter therefore may append generated samples (RSG, SAFA), replace inputs 
 re-weight samples (SMART's ω) and add named auxiliary losses whose weights are config keys, so a
 weight of 0 removes the term (ablations) and every λ is searchable. It is an `nn.Module`: learnable
 parts are trained by the engine's optimiser, buffers and `get_extra_state` travel in checkpoints.
-It is idle before `start_epoch` (T_th) and never called at evaluation.
+It is idle before `start_epoch` (T_th); at evaluation only `eval_transform` runs (identity unless the
+method's module is part of the test-time network, as LCReg's decoder).
 
 A method registers itself with
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -165,6 +166,17 @@ class Augmenter(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first step of every training epoch (e.g. to freeze a module after T_th)."""
+
+    def eval_transform(self, feats: torch.Tensor) -> torch.Tensor:
+        """Features at the insertion point at evaluation time. Identity: most methods are training-only.
+
+        LCReg overrides it because its decoder is part of the network that makes the final prediction.
+        """
+        return feats
+
+    def trainable_parameters_filter(self, epoch: int) -> Callable[[str], bool] | None:
+        """Which backbone parameters (by name) train in `epoch`; None = all. For decoupled second stages."""
+        return None
 
     # ------------------------------------------------------------------ what a method overrides
     def augment(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:

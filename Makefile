@@ -1,0 +1,32 @@
+# make demo : create .venv, install ltsearch, run the main job on the embedded digits default
+# make test : create .venv, install ltsearch with test extras, run the whole suite (slow tests included)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/ltsearch data configs/digits.yaml
+	$(BIN)/ltsearch train configs/digits.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/pipeline.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,36 @@
+"""`ltsearch` command line: one module per subcommand (torchtune's layout), errors as one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ltsearch.errors import LtsearchError
+
+SUBCOMMANDS = ("train", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltsearch", description="Hyperparameter search and ablations for long-tailed image classification.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"ltsearch.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except LtsearchError as error:
+        print(f"ltsearch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ltsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

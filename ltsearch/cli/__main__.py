@@ -1,0 +1,5 @@
+import sys
+
+from ltsearch.cli import main
+
+sys.exit(main())

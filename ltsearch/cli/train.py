@@ -1,0 +1,100 @@
+"""`ltsearch train CONFIG [--set k=v] [--out DIR]`: one plain run, no Ray (debugging, CI, a final retrain).
+
+Writes into DIR: `config.yaml` (the resolved config, rerunnable as is), `checkpoint.pt` (after every
+epoch, atomically), `history.parquet` (one row per epoch, rewritten each epoch) and `metrics.json`
+(final and best-val metrics). An interrupted run continues with `ltsearch train --resume DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ltsearch.cli._common import add_overrides
+from ltsearch.config import dump_yaml, load_run_config, read_yaml, build_run_config, apply_overrides
+from ltsearch.engine import CHECKPOINT_FILE, EpochResult, Trainer, check_compatible, summarize
+from ltsearch.errors import ConfigError
+from ltsearch.results import write_json, write_table
+
+PROGRESS_KEYS = (("train/loss", "loss", "{:.4f}"), ("train/top1", "train", "{:.1f}"), ("val/top1", "val", "{:.2f}"),
+                 ("val/bacc", "val-bacc", "{:.2f}"), ("test/top1", "test", "{:.2f}"), ("test/few", "few", "{:.1f}"),
+                 ("lr", "lr", "{:.4g}"), ("epoch_seconds", "s", "{:.1f}"), ("images_per_s", "img/s", "{:.0f}"))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("train", help="train one configuration (no Ray)")
+    parser.add_argument("config", nargs="?", help="run config YAML (default: the embedded digits default)")
+    add_overrides(parser)
+    parser.add_argument("--out", help="output directory (default: runs/<config>-<time>); must not already hold a run")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its config; --set may change e.g. train.epochs)")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    parser.set_defaults(handler=run)
+
+
+def progress_line(result: EpochResult, epochs: int) -> str:
+    parts = [f"epoch {result.epoch + 1:>3}/{epochs}"]
+    for key, label, fmt in PROGRESS_KEYS:
+        if key in result.metrics:
+            parts.append(f"{label} {fmt.format(result.metrics[key])}")
+    return "  ".join(parts) + ("  *" if result.is_best else "")
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    if args.out:
+        out = Path(args.out)
+    else:
+        stem = Path(args.config).stem if args.config else "digits"
+        out = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / CHECKPOINT_FILE).exists() or (out / "metrics.json").exists():
+        raise ConfigError("--out", str(out), "a directory that does not already hold a run (nothing is ever overwritten)",
+                          hint=f"Continue it with `ltsearch train --resume {out}`, or choose another --out.")
+    return out
+
+
+def _start(args: argparse.Namespace) -> tuple[Trainer, Path]:
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / CHECKPOINT_FILE).is_file():
+            raise ConfigError("--resume", str(out), f"a run directory holding {CHECKPOINT_FILE}")
+        config = build_run_config(apply_overrides(read_yaml(out / "config.yaml"), args.overrides), source=str(out / "config.yaml"))
+        check_compatible(config)
+        trainer = Trainer.restore(out, config=config)
+        if args.overrides:
+            (out / "config.yaml").write_text(dump_yaml(config))
+        return trainer, out
+    config = load_run_config(args.config, args.overrides)
+    check_compatible(config)
+    out = _output_dir(args)
+    trainer = Trainer(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(config))
+    return trainer, out
+
+
+def run(args: argparse.Namespace) -> int:
+    trainer, out = _start(args)
+    epochs = trainer.config.train.epochs
+    print(f"ltsearch train: {trainer.config.data.name} ({trainer.data.num_classes} classes, {int(trainer.class_counts.sum())} train images), "
+          f"{trainer.config.model.name}, loss {trainer.config.loss.name}, augmenter {trainer.config.augmenter.name}, "
+          f"device {trainer.device}; writing {out}", flush=True)
+    try:
+        for result in trainer.run():
+            result.save_checkpoint(out)
+            write_table(trainer.history, out / "history.parquet")
+            if not args.quiet:
+                print(progress_line(result, epochs), flush=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {trainer.epoch} epochs; continue with: ltsearch train --resume {out}", file=sys.stderr)
+        return 130
+    summary = summarize(trainer)
+    write_json(summary, out / "metrics.json")
+    best = summary["best"]
+    shown = "  ".join(f"{key} {_format(best.get(key))}" for key in ("val/top1", "test/top1", "test/bacc", "test/many", "test/medium", "test/few"))
+    print(f"done: best epoch {summary['best_epoch']} by {summary['select_metric']}: {shown}; {out / 'metrics.json'}")
+    return 0
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,404 @@
+"""Training engine: `fit(config)` yields one result per epoch; checkpoints resume bit-exactly on CPU.
+
+No Ray and no tracking here (those wrap this), and no method names: the augmenter, loss, sampler and
+backbone all come from registries by the names in the config. One step is
+
+    feats  = model.forward_until(k, x)            # k = augmenter.insert_at
+    out    = augmenter(feats, y, state)           # identity for augmenter.name = none
+    logits = model.forward_from(k, out.feats)
+    loss   = cls_weight·L_cls(logits, out.labels, ω, class weights of the epoch) + Σ_i λ_i·aux_i
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltsearch.augmenters.base import (Augmenter, AugmenterContext, FeatureSpec, TrainState, create_augmenter,
+                                      head_class_mask, resolve_head_ratio, resolve_insert_at, resolve_start_epoch)
+from ltsearch.config import RunConfig, ScheduleConfig, build_run_config, to_dict
+from ltsearch.data import LongTailData, build_dataset, create_train_loader, eval_batches
+from ltsearch.errors import ConfigError
+from ltsearch.losses import class_weights_for_epoch, create_loss, sampler_for_epoch
+from ltsearch.metrics import classification_metrics
+from ltsearch.models import Backbone, create_backbone, num_boundaries
+from ltsearch.registry import AUGMENTERS, LOSSES
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def default_cache_dir() -> Path:
+    """Where reusable artefacts (M2m's reference classifier g) live; shared by all trials of a machine."""
+    return Path(os.environ.get("LTSEARCH_CACHE", Path.home() / ".cache" / "ltsearch"))
+
+
+# ------------------------------------------------------------------------------------ validation
+def check_compatible(config: RunConfig) -> None:
+    """Checks that need the backbone's shape (insert_at); run before any data is read or model built."""
+    boundaries = num_boundaries(config.model.name)
+    augmenter = AUGMENTERS.get(config.augmenter.name).obj
+    resolve_insert_at(config.augmenter.name, config.augmenter.insert_at, boundaries, augmenter.input_only)
+    start = resolve_start_epoch(config.augmenter.name, config.augmenter.start_epoch, config.train.epochs)
+    if config.augmenter.name != "none" and start >= config.train.epochs:
+        raise ConfigError("augmenter.start_epoch", start, f"an epoch index below train.epochs={config.train.epochs}, otherwise the method never runs",
+                          hint="Lower augmenter.start_epoch or raise train.epochs.")
+
+
+# --------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", name, "'cpu' or 'auto' (no CUDA device is visible)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def learning_rate(schedule: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
+    """lr for 0-indexed `epoch`: LDAM-DRW warmup (e = epoch+1; base·e/W while e <= W), then step or cosine."""
+    e = epoch + 1
+    if schedule.warmup_epochs and e <= schedule.warmup_epochs:
+        return base_lr * e / schedule.warmup_epochs
+    if schedule.name == "step":
+        factor = 1.0
+        for milestone, value in zip(schedule.milestones, schedule.factors):
+            if epoch >= milestone:
+                factor = value
+        return base_lr * factor
+    if schedule.name == "cosine":
+        span = max(1, epochs - schedule.warmup_epochs)
+        progress = (epoch - schedule.warmup_epochs) / span
+        return base_lr * (schedule.min_factor + (1 - schedule.min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return base_lr
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _feature_spec(model: Backbone, k: int, data: LongTailData) -> FeatureSpec:
+    info = model.feature_info[k]
+    side = max(1, math.ceil(data.image_size / info.reduction))
+    return FeatureSpec(channels=info.channels, height=side, width=side)
+
+
+def _build_model(config: RunConfig, data: LongTailData) -> Backbone:
+    loss_cls = LOSSES.get(config.loss.name).obj
+    cosine = config.model.classifier == "cosine" or (config.model.classifier == "auto" and loss_cls.needs_cosine_classifier)
+    return create_backbone(config.model.name, num_classes=data.num_classes, in_chans=data.in_chans, mean=data.mean, std=data.std,
+                           cosine_classifier=cosine, width=config.model.width, weights=config.model.weights)
+
+
+# ----------------------------------------------------------------------------- reference model g
+def reference_config(config: RunConfig, epochs: int | None) -> RunConfig:
+    """Plain-ERM run on the same data, model and seed: cross-entropy, no re-weighting, no augmenter."""
+    raw = to_dict(config)
+    raw["loss"] = {"name": "ce"}
+    raw["augmenter"] = {"name": "none"}
+    if epochs is not None:
+        raw["train"]["epochs"] = epochs
+    return build_run_config(raw)
+
+
+def reference_key(config: RunConfig) -> str:
+    """Cache key of g: everything that changes what plain ERM learns (data, model, optim, train)."""
+    raw = to_dict(config)
+    payload = {k: raw[k] for k in ("data", "model", "optim", "train")}
+    payload["train"] = {k: v for k, v in payload["train"].items() if k not in ("device", "eval_batch_size", "threads")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_reference_model(config: RunConfig, data: LongTailData, cache_dir: Path, *, epochs: int | None = None,
+                          path: str | None = None) -> Backbone:
+    """Return g in eval mode: loaded from `path`, else from the on-disk cache, else trained once and cached.
+
+    A file lock makes concurrent trials on one machine train g once and share it.
+    """
+    ref_config = reference_config(config, epochs)
+    device = resolve_device(config.train.device)
+    model = _build_model(ref_config, data).to(device)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError("augmenter reference_path", path, "an existing checkpoint file of the same backbone")
+        model.load_state_dict(_load_model_state(path))
+        return model.eval().requires_grad_(False)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"reference-{config.model.name}-{reference_key(ref_config)}.pt"
+    with open(cache_dir / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            saved = _rng_state()  # training g reseeds every RNG; the calling run must not notice
+            trainer = Trainer(ref_config, data=data, cache_dir=cache_dir)
+            for _ in trainer.run():
+                pass
+            _set_rng_state(saved)
+            tmp = target.with_suffix(".tmp")
+            torch.save({"model": trainer.model.state_dict(), "config": to_dict(ref_config)}, tmp)
+            tmp.replace(target)
+    model.load_state_dict(_load_model_state(target))
+    return model.eval().requires_grad_(False)
+
+
+def _load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return blob.get("model", blob) if isinstance(blob, dict) else blob
+
+
+# --------------------------------------------------------------------------------------- results
+@dataclass
+class EpochResult:
+    """Metrics of one finished epoch; `save_checkpoint(dir)` captures the full training state after it."""
+
+    epoch: int
+    metrics: dict[str, Any]
+    is_best: bool
+    trainer: "Trainer" = field(repr=False)
+
+    def scalars(self) -> dict[str, float]:
+        return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        return self.trainer.save_checkpoint(directory)
+
+
+# --------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns model, augmenter, optimiser, loader and the running best; `run()` trains the remaining epochs."""
+
+    def __init__(self, config: RunConfig, *, data: LongTailData | None = None, cache_dir: str | Path | None = None):
+        check_compatible(config)
+        self.config = config
+        self.device = resolve_device(config.train.device)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        self.data = data if data is not None else build_dataset(config.data)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        seed_everything(config.train.seed)
+        self.class_counts = self.data.class_counts.clone().long()
+        self.model = _build_model(config, self.data).to(self.device)
+        if self.device.type == "cuda" and config.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.augmenter = self._build_augmenter().to(self.device)
+        self.loss_fn = create_loss(config.loss, self.class_counts).to(self.device)
+        params = [p for p in list(self.model.parameters()) + list(self.augmenter.parameters())]
+        self.optimizer = torch.optim.SGD(params, lr=config.optim.lr, momentum=config.optim.momentum,
+                                         weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov)
+        self.loader = create_train_loader(self.data, config.data, batch_size=config.optim.batch_size, device=self.device,
+                                          seed=config.train.seed, head_mask=self.augmenter.head_mask.cpu())
+        self.epoch = 0  # next epoch to run
+        self.step = 0
+        self.best: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.autocast_dtype = torch.bfloat16 if (self.device.type == "cuda" and config.train.amp) else None
+
+    def _build_augmenter(self) -> Augmenter:
+        cfg = self.config.augmenter
+        name = cfg.name
+        cls = AUGMENTERS.get(name).obj
+        insert_at = resolve_insert_at(name, cfg.insert_at, self.model.num_boundaries, cls.input_only)
+        head_ratio = resolve_head_ratio(name, cfg.head_ratio)
+        context = AugmenterContext(
+            config=self.config, insert_at=insert_at,
+            start_epoch=resolve_start_epoch(name, cfg.start_epoch, self.config.train.epochs),
+            head_ratio=head_ratio, feature=_feature_spec(self.model, insert_at, self.data),
+            num_classes=self.data.num_classes, class_counts=self.class_counts,
+            head_mask=head_class_mask(self.class_counts, head_ratio), device=self.device, cache_dir=self.cache_dir,
+            reference_model=lambda epochs=None, path=None: train_reference_model(self.config, self.data, self.cache_dir, epochs=epochs, path=path),
+        )
+        return create_augmenter(context)
+
+    # ------------------------------------------------------------------------- training
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def train_epoch(self) -> dict[str, float]:
+        epoch, cfg = self.epoch, self.config
+        lr = learning_rate(cfg.optim.schedule, cfg.optim.lr, epoch, cfg.train.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        class_weights = class_weights_for_epoch(cfg.loss.reweight, self.class_counts, epoch)
+        if class_weights is not None:
+            class_weights = class_weights.to(self.device)
+        sampler = self.augmenter.sampler(epoch) or sampler_for_epoch(cfg.loss.resample, epoch)
+        self.model.train()
+        self.augmenter.train()
+        self.augmenter.on_epoch_start(epoch)
+        self._apply_trainable_filter(epoch)
+        k = self.augmenter.insert_at
+        weights = self.augmenter.loss_weights
+        sums: dict[str, torch.Tensor] = {}
+        seen, correct = 0, torch.zeros((), device=self.device)
+        start = time.perf_counter()
+        steps_per_epoch = len(self.loader)
+        for x, y in self.loader.epoch(sampler):
+            if self.device.type == "cuda" and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            state = TrainState(epoch=epoch, epochs=cfg.train.epochs, step=self.step, steps_per_epoch=steps_per_epoch,
+                               model=self.model, class_weights=class_weights)
+            with self._autocast():
+                out = self.augmenter(self.model.forward_until(k, x), y, state)
+                logits = self.model.forward_from(k, out.feats)
+                cls_loss = self.loss_fn(logits.float(), out.labels, sample_weights=out.sample_weights, class_weights=class_weights)
+                loss = self.augmenter.cls_weight * cls_loss
+                for name, term in out.aux_losses.items():
+                    loss = loss + weights.get(name, 1.0) * term.float()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            batch = y.shape[0]
+            seen += batch
+            correct += (logits[:batch].argmax(1) == out.labels[:batch]).sum()  # the real samples come first
+            for name, value in (("loss", loss), ("cls_loss", cls_loss), *((f"aux/{n}", t) for n, t in out.aux_losses.items())):
+                sums[name] = sums.get(name, torch.zeros((), device=self.device)) + value.detach().float() * batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        metrics = {f"train/{name}": float(total) / max(1, seen) for name, total in sums.items()}
+        metrics.update({"train/top1": 100.0 * float(correct) / max(1, seen), "lr": lr, "epoch_seconds": seconds,
+                        "images_per_s": seen / max(seconds, 1e-9), "train/sampler": sampler})
+        return metrics
+
+    def _apply_trainable_filter(self, epoch: int) -> None:
+        """Freeze backbone parameters the augmenter's stage excludes (e.g. classifier-only fine-tuning)."""
+        keep = self.augmenter.trainable_parameters_filter(epoch)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(keep is None or keep(name))
+        if keep is not None:  # frozen feature layers keep their BatchNorm statistics too
+            for name, module in self.model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(keep(f"{name}.{p}") for p, _ in module.named_parameters()):
+                    module.eval()
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Metrics on `split` ('val' or 'test'); augmenters only contribute `eval_transform` (identity for most)."""
+        self.model.eval()
+        self.augmenter.eval()
+        preds, labels = [], []
+        for x, y in eval_batches(self.data, split, batch_size=self.config.train.eval_batch_size, device=self.device):
+            if self.device.type == "cuda" and self.config.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            k = self.augmenter.insert_at
+            with self._autocast():
+                logits = self.model.forward_from(k, self.augmenter.eval_transform(self.model.forward_until(k, x)))
+                preds.append(logits.argmax(1))
+            labels.append(y)
+        if not preds:
+            return {}
+        result = classification_metrics(torch.cat(preds).cpu(), torch.cat(labels).cpu(), self.data.num_classes, self.class_counts)
+        return {f"{split}/{k}": v for k, v in result.items() if v is not None}
+
+    def run(self) -> Iterator[EpochResult]:
+        """Train from `self.epoch` to the end, yielding after each epoch (train, val and test metrics)."""
+        select = self.config.train.select_metric
+        while self.epoch < self.config.train.epochs:
+            metrics = {"epoch": self.epoch, **self.train_epoch(), **self.evaluate("val"), **self.evaluate("test")}
+            score = metrics.get(select)
+            is_best = score is not None and (not self.best or score > self.best["score"])
+            if is_best:
+                self.best = {"score": score, "epoch": self.epoch, "metrics": metrics}
+            legacy = max(metrics.get("test/top1", float("-inf")), self.best.get("legacy/best_test_top1", float("-inf")))
+            self.best["legacy/best_test_top1"] = legacy
+            metrics["legacy/best_test_top1"] = legacy
+            self.history.append(metrics)
+            self.epoch += 1
+            yield EpochResult(epoch=self.epoch - 1, metrics=metrics, is_best=is_best, trainer=self)
+
+    # ----------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1, "config": to_dict(self.config), "epoch": self.epoch, "step": self.step,
+            "model": self.model.state_dict(), "augmenter": self.augmenter.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+            "rng": _rng_state(), "best": copy.deepcopy(self.best), "history": copy.deepcopy(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.augmenter.load_state_dict(state["augmenter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best, self.history = state["best"], state["history"]
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Atomically write `directory/checkpoint.pt` (a crash mid-write never leaves a torn checkpoint)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / CHECKPOINT_FILE
+        tmp = directory / (CHECKPOINT_FILE + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(target)
+        return target
+
+    @classmethod
+    def restore(cls, path: str | Path, *, data: LongTailData | None = None, cache_dir: str | Path | None = None,
+                config: RunConfig | None = None) -> "Trainer":
+        """Rebuild from a checkpoint file or directory; the run continues exactly where it stopped."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CHECKPOINT_FILE
+        if not path.is_file():
+            raise ConfigError("resume", str(path), f"a checkpoint file or a directory holding {CHECKPOINT_FILE}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        trainer = cls(config or build_run_config(state["config"]), data=data, cache_dir=cache_dir)
+        trainer.load_state_dict(state)
+        return trainer
+
+
+def fit(config: RunConfig, *, data: LongTailData | None = None, resume_from: str | Path | None = None,
+        cache_dir: str | Path | None = None) -> Iterator[EpochResult]:
+    """Train `config`, yielding one EpochResult per epoch; `resume_from` continues a saved run exactly."""
+    if resume_from is not None:
+        trainer = Trainer.restore(resume_from, data=data, cache_dir=cache_dir, config=config)
+    else:
+        trainer = Trainer(config, data=data, cache_dir=cache_dir)
+    yield from trainer.run()
+
+
+def summarize(trainer: Trainer) -> dict[str, Any]:
+    """metrics.json content: final and best-val metrics, the legacy best-test number, the construction."""
+    final = trainer.history[-1] if trainer.history else {}
+    best = trainer.best.get("metrics", {})
+    return {
+        "final": final,
+        "best": best,
+        "best_epoch": trainer.best.get("epoch"),
+        "select_metric": trainer.config.train.select_metric,
+        "legacy/best_test_top1": trainer.best.get("legacy/best_test_top1"),
+        "construction": trainer.data.construction,
+        "epochs_run": trainer.epoch,
+    }

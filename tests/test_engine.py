@@ -1,0 +1,99 @@
+"""Engine: schedule values, per-epoch results, exact resume, insertion checks, the cached reference model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltsearch.config import build_run_config, load_run_config
+from ltsearch.engine import Trainer, check_compatible, fit, learning_rate, summarize, train_reference_model
+from ltsearch.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digits(*overrides: str):
+    return load_run_config(REPO / "configs" / "digits.yaml", ["train.device=cpu", *overrides])
+
+
+def test_ldam_drw_learning_rate_schedule_matches_the_recipe() -> None:
+    config = load_run_config(REPO / "configs" / "ldam_drw_cifar10.yaml")
+    lr = [learning_rate(config.optim.schedule, 0.1, epoch, 200) for epoch in range(200)]
+    assert lr[0] == pytest.approx(0.02) and lr[4] == pytest.approx(0.1)  # e = epoch + 1 <= 5: 0.1 * e / 5
+    assert lr[5] == lr[159] == pytest.approx(0.1)
+    assert lr[160] == lr[179] == pytest.approx(0.001)  # x0.01 from index 160 (e > 160)
+    assert lr[180] == lr[199] == pytest.approx(1e-5)   # x1e-4 from index 180
+
+
+def test_cosine_schedule_endpoints() -> None:
+    config = load_run_config(None, ["optim.schedule.name=cosine", "optim.schedule.warmup_epochs=2", "optim.schedule.min_factor=0.1"])
+    schedule = config.optim.schedule
+    assert learning_rate(schedule, 1.0, 0, 12) == pytest.approx(0.5)
+    assert learning_rate(schedule, 1.0, 2, 12) == pytest.approx(1.0)
+    assert learning_rate(schedule, 1.0, 7, 12) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_fit_yields_one_result_per_epoch_with_all_metrics() -> None:
+    results = list(fit(digits("train.epochs=2")))
+    assert [r.epoch for r in results] == [0, 1]
+    metrics = results[-1].metrics
+    for key in ("train/loss", "train/top1", "lr", "epoch_seconds", "images_per_s", "val/top1", "val/bacc", "val/gm",
+                "test/top1", "test/bacc", "test/gm", "test/many", "test/medium", "test/few", "test/per_class"):
+        assert key in metrics, key
+    assert all(math.isfinite(v) for v in results[-1].scalars().values())
+    assert len(metrics["test/per_class"]) == 10
+    assert metrics["test/top1"] > 20.0  # two epochs of a small CNN on digits are well above chance (10%)
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    straight = [r.metrics for r in fit(digits("train.epochs=4"))]
+    first = Trainer(digits("train.epochs=4"))
+    for result in first.run():
+        if result.epoch == 1:
+            result.save_checkpoint(tmp_path)
+            break
+    resumed = [r.metrics for r in fit(digits("train.epochs=4"), resume_from=tmp_path)]
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for a, b in zip(straight[2:], resumed):
+        for key in ("train/loss", "val/top1", "test/top1", "test/per_class", "lr"):
+            assert a[key] == b[key], key
+
+
+def test_summary_selects_on_validation_and_keeps_the_legacy_number_apart() -> None:
+    trainer = Trainer(digits("train.epochs=3"))
+    history = [r.metrics for r in trainer.run()]
+    summary = summarize(trainer)
+    best_val = max(m["val/top1"] for m in history)
+    assert summary["best"]["val/top1"] == best_val
+    assert summary["legacy/best_test_top1"] == max(m["test/top1"] for m in history)
+    assert summary["construction"]["imbalance"] == 10
+
+
+@pytest.mark.parametrize("insert_at", [5, -6])
+def test_insertion_point_is_checked_against_the_backbone(insert_at: int) -> None:
+    config = digits("augmenter.name=none", f"augmenter.insert_at={insert_at}", "model.name=resnet32")
+    with pytest.raises(ConfigError) as caught:
+        check_compatible(config)
+    assert caught.value.key == "augmenter.insert_at"
+    assert "[1, 2, 3, 4]" in str(caught.value)
+
+
+def test_reference_model_is_trained_once_and_reused(tmp_path: Path) -> None:
+    config = digits("train.epochs=1")
+    trainer = Trainer(config, cache_dir=tmp_path)
+    g1 = train_reference_model(config, trainer.data, tmp_path, epochs=1)
+    cached = list(tmp_path.glob("reference-*.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    g2 = train_reference_model(config, trainer.data, tmp_path, epochs=1)
+    assert cached[0].stat().st_mtime_ns == stamp  # loaded, not retrained
+    assert not g2.training and all(not p.requires_grad for p in g2.parameters())
+    for a, b in zip(g1.state_dict().values(), g2.state_dict().values()):
+        assert torch.equal(a, b)
+    # the reference run is plain ERM whatever the trial's loss and augmenter
+    other = digits("train.epochs=1", "loss.name=balanced_softmax")
+    train_reference_model(other, trainer.data, tmp_path, epochs=1)
+    assert len(list(tmp_path.glob("reference-*.pt"))) == 1
