@@ -1,0 +1,239 @@
+"""SMART (Zhang et al., "Semantic Transfer from Head to Tail"): tail features borrow head covariance.
+
+Tail features are re-coloured by a covariance Σ_th built from their own class covariance and that of
+a head class (Eq. 4–5), keeping the tail mean (Eq. 6), and their loss is re-weighted by ω (Eq. 11).
+Head features pass untouched with ω = 1. Choices the paper leaves open, and how they are made here:
+
+* Per position. The paper flattens a sample's map to F ∈ R^{HW×C}: every spatial position is one
+  observation of a C-vector. Statistics are taken over all positions of all images of a class, and
+  Eq. 6 moves every position with the same Σ_th. At a 1×1 map this is the pooled-feature case, so
+  any boundary works unchanged.
+* EMA (Eq. 2–3). With α = M/N ("dynamic") the running mean is the exact mean of everything seen.
+  The running covariance is the count-weighted mean of the per-batch covariances (each the biased
+  covariance of that batch's positions around that batch's mean): the pooled *within*-batch
+  covariance, which lacks the between-batch scatter Σ_b (M_b/N)(μ_b − μ)(μ_b − μ)ᵀ of the covariance
+  of all data. Eq. 3 is implemented as written (features drift during training, so scatter between
+  old batch means would be stale anyway). "fixed" uses α = momentum (Table 5's ablation); a class's
+  first batch always sets α = 1 so the estimate does not start from zero.
+* Gradients. The statistics are buffers, so Σ_th and ω are constants for back-propagation; Eq. 6 is
+  affine in F, so the loss reaches earlier stages through F̃ = ((F − μ_t)/σ_t)·Σ_th + μ_t.
+* Head choice (Sec. 3.3 and Fig. 4a). "online": each tail sample draws a head class with probability
+  ∝ exp(τ·cos(μ_t, μ_h)), the similarity of running class means (the paper's offline WordNet/Word2Vec
+  ranking needs class names we do not have); "random": uniform over head classes every step;
+  "fixed": one random head per tail class drawn once and checkpointed. Only head classes seen so far
+  are eligible; a tail sample with no eligible head is left untouched (ω = 1).
+* Covariance source (Sec. 4.3, "types of transformation matrix"): Σ̃ = Σ_tᵀΣ_h ("both", the paper's
+  method), Σ_hᵀΣ_h ("head") or Σ_tᵀΣ_t ("tail"), so all three keep the units that τ and ω act on.
+* "diagonal" keeps only per-channel variances (C×D memory instead of C×D²: 16.8 GB at 1000 classes ×
+  2048 channels in full). It is the full method applied to diagonal covariances, zeros included in
+  the softmax of Eq. 4, so both agree exactly when the covariances are diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltsearch import _checks as check
+from ltsearch.augmenters.base import Augmenter, AugmenterContext, AugmentOutput, TrainState
+from ltsearch.errors import ConfigError
+from ltsearch.registry import AUGMENTERS
+
+EPS = 1e-8  # ε of Eq. 6
+FULL_COVARIANCE_LIMIT_BYTES = 2 ** 31  # above this the per-class D×D buffers alone would crowd a GPU trial
+
+
+@dataclass
+class SmartConfig:
+    """`augmenter.smart`. τ sharpens Γ (Eq. 4: softmax(τ·Σ̃) row-wise, larger τ = sharper) and the online
+    head draw; the paper gives no value in its text, so 1 (a plain softmax) is the default to search from.
+    `momentum` is used only with `ema: fixed` (Table 5 tries 0.01, 0.05, 0.1; dynamic wins)."""
+
+    tau: float = 1.0
+    ema: Literal["dynamic", "fixed"] = "dynamic"
+    momentum: float = 0.1
+    weights: bool = True
+    source: Literal["both", "head", "tail"] = "both"
+    selection: Literal["online", "random", "fixed"] = "online"
+    covariance: Literal["full", "diagonal"] = "full"
+
+    def validate(self, where: str) -> None:
+        check.number(f"{where}.tau", self.tau, low=0.0, low_open=True, what="the softmax sharpness of Eq. 4")
+        check.number(f"{where}.momentum", self.momentum, low=0.0, high=1.0, low_open=True,
+                     what="the fixed EMA weight α of Eq. 2–3")
+
+
+# ------------------------------------------------------------------------------------ closed forms
+def mixing_weights(mixed: torch.Tensor, tau: float) -> torch.Tensor:
+    """Γ of Eq. 4: a row-wise softmax of τ·Σ̃, so a larger τ concentrates each row on its largest entries."""
+    return torch.softmax(tau * mixed, dim=-1)
+
+
+def transfer_full(left: torch.Tensor, right: torch.Tensor, tau: float) -> torch.Tensor:
+    """Σ_th = Γ ⊙ Σ̃ with Σ̃ = leftᵀ·right, (..., D, D) (Eq. 4–5; left = Σ_t, right = Σ_h in the paper's method)."""
+    mixed = left.transpose(-2, -1) @ right
+    return mixing_weights(mixed, tau) * mixed
+
+
+def transfer_diagonal(left: torch.Tensor, right: torch.Tensor, tau: float) -> torch.Tensor:
+    """Diagonal of Eq. 4–5 for diagonal covariances given as variance vectors (..., D).
+
+    Row j of Σ̃ holds s_j = left_j·right_j on the diagonal and D − 1 zeros, so
+    Γ_jj = e^{τ s_j} / (e^{τ s_j} + D − 1) = sigmoid(τ s_j − log(D − 1)).
+    """
+    mixed = left * right
+    dim = mixed.shape[-1]
+    offset = math.log(dim - 1) if dim > 1 else -math.inf
+    return torch.sigmoid(tau * mixed - offset) * mixed
+
+
+def semantic_weight(sigma_th: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """ω of Eq. 11: (1/C)·Σ_j Σ_k Σ_th[j, k], the total head-tail co-variation per channel."""
+    dims = (-1,) if diagonal else (-2, -1)
+    return sigma_th.sum(dims) / sigma_th.shape[-1]
+
+
+def transfer_features(x: torch.Tensor, mean_t: torch.Tensor, var_t: torch.Tensor, sigma_th: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: F̃ = (F − μ_t)/sqrt(σ_t² + ε)·Σ_th + μ_t on positions x (B, P, D); Σ_th is (B, D, D) or (B, D) diagonal.
+
+    σ_t² = diag(Σ_t) replaces Σ_t^{-1/2}, which the paper avoids as unfriendly to GPUs.
+    """
+    z = (x - mean_t[:, None]) / torch.sqrt(var_t[:, None] + EPS)
+    moved = z @ sigma_th if sigma_th.dim() == 3 else z * sigma_th[:, None]
+    return moved + mean_t[:, None]
+
+
+def positions(feats: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) -> (B, HW, D): the paper's F ∈ R^{HW×C} per sample."""
+    return feats.flatten(2).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------ statistics
+class ClassMoments(nn.Module):
+    """Running per-class mean and covariance (full D×D or diagonal) and images seen, as buffers (Eq. 2–3)."""
+
+    def __init__(self, num_classes: int, dim: int, diagonal: bool, device: torch.device):
+        super().__init__()
+        self.diagonal = diagonal
+        cov_shape = (num_classes, dim) if diagonal else (num_classes, dim, dim)
+        self.register_buffer("mean", torch.zeros(num_classes, dim, device=device))
+        self.register_buffer("cov", torch.zeros(cov_shape, device=device))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.int64, device=device))
+
+    def variance(self, classes: torch.Tensor) -> torch.Tensor:
+        """σ² = diag(Σ) of the given classes (Eq. 6)."""
+        cov = self.cov[classes]
+        return cov if self.diagonal else cov.diagonal(dim1=-2, dim2=-1)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, labels: torch.Tensor, momentum: float | None) -> None:
+        """Eq. 2–3 for every class in the batch, from positions x (B, P, D) in float32.
+
+        α_k = M_k/N_k (dynamic, momentum None) or `momentum`. The D×D work touches only the batch's
+        samples: μ ← μ + α(μ^B − μ) is scattered as Σ_{i∈k} (α_k/M_k)(x̄_i − μ_k), likewise for Σ.
+        """
+        # M_k^B by index_add_: torch.bincount reads the max label back to the host on CUDA
+        batch_count = torch.zeros_like(self.count).index_add_(0, labels, torch.ones_like(labels))
+        seen = self.count + batch_count
+        if momentum is None:
+            alpha = batch_count / seen.clamp(min=1)
+        else:
+            alpha = torch.where(self.count > 0, momentum, 1.0) * (batch_count > 0)
+        share = (alpha / batch_count.clamp(min=1))[labels]
+        sample_mean = x.mean(1)
+        batch_mean = torch.zeros_like(self.mean).index_add_(0, labels, sample_mean) / batch_count.clamp(min=1)[:, None]
+        centred = x - batch_mean[labels][:, None]
+        if self.diagonal:
+            sample_cov = centred.square().mean(1)
+        else:
+            sample_cov = centred.transpose(1, 2) @ centred / x.shape[1]
+        cov_share = share.view(-1, *([1] * (sample_cov.dim() - 1)))
+        self.cov.index_add_(0, labels, cov_share * (sample_cov - self.cov[labels]))
+        self.mean.index_add_(0, labels, share[:, None] * (sample_mean - self.mean[labels]))
+        self.count.copy_(seen)
+
+
+# ------------------------------------------------------------------------------------ the method
+@AUGMENTERS.register("smart", config=SmartConfig, defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5})
+class Smart(Augmenter):
+    """Algorithm 1 of SMART: per step, update the class moments from the batch (Eq. 2–3), draw a head
+    class for each tail sample, build Σ_th (Eq. 4–5), move tail features (Eq. 6) and weight them (Eq. 11).
+
+    Batches pair a tail-dominated half with a head-dominated half ('head_tail' sampler). Defaults:
+    the last map before pooling (Table 5: the 4th layer of ResNet-32 is best), active from the first
+    epoch (Algorithm 1); the head/tail split is not stated, so half the classes are head.
+    """
+
+    def __init__(self, context: AugmenterContext):
+        super().__init__(context)
+        self.cfg: SmartConfig = context.config.augmenter.smart
+        dim = context.feature.channels
+        diagonal = self.cfg.covariance == "diagonal"
+        if not diagonal and 4 * self.num_classes * dim * dim > FULL_COVARIANCE_LIMIT_BYTES:
+            gigabytes = 4 * self.num_classes * dim * dim / 1e9
+            raise ConfigError("augmenter.smart.covariance", "full",
+                              f"'diagonal' for {self.num_classes} classes x {dim} channels (full needs {gigabytes:.1f} GB)",
+                              hint="Set augmenter.smart.covariance=diagonal, or insert SMART at an earlier stage.")
+        self.moments = ClassMoments(self.num_classes, dim, diagonal, context.device)
+        if self.cfg.selection == "fixed":
+            heads = torch.nonzero(self.head_mask).squeeze(1)
+            pick = heads[torch.randint(len(heads), (self.num_classes,))]
+            self.register_buffer("fixed_head", pick.to(context.device))
+
+    def sampler(self, epoch: int) -> str | None:
+        """Algorithm 1, lines 5–6: each batch = a tail-dominated half + a head-dominated half."""
+        return "head_tail" if self.active(epoch) else None
+
+    def before_start(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:
+        """Idle before T_th, but keep the moments current so they are warm when augmentation starts."""
+        with torch.autocast(feats.device.type, enabled=False):
+            self.moments.update(positions(feats.detach().float()), labels, self._momentum)
+        return AugmentOutput(feats, labels)
+
+    def augment(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:
+        with torch.autocast(feats.device.type, enabled=False):
+            x = positions(feats.float())
+            self.moments.update(x.detach(), labels, self._momentum)
+            heads = self.choose_heads(labels)
+            tail = ~self.head_mask[labels] & self.head_mask[heads] & (self.moments.count[heads] > 0)
+            sigma_th = self.transfer(labels, heads)
+            moved = transfer_features(x, self.moments.mean[labels], self.moments.variance(labels), sigma_th)
+            x = torch.where(tail[:, None, None], moved, x)
+            weights = None
+            if self.cfg.weights:
+                weights = torch.where(tail, semantic_weight(sigma_th, self.moments.diagonal), 1.0)
+        out = x.transpose(1, 2).reshape(feats.shape).to(feats.dtype)
+        return AugmentOutput(out, labels, sample_weights=weights)
+
+    # ------------------------------------------------------------------ pieces of one step
+    @property
+    def _momentum(self) -> float | None:
+        return self.cfg.momentum if self.cfg.ema == "fixed" else None
+
+    def choose_heads(self, labels: torch.Tensor) -> torch.Tensor:
+        """One head class per sample (meaningful for tail samples): Gumbel-max over τ·cos(μ_y, μ_h)
+        ("online"), over zeros ("random"), or the checkpointed pairing ("fixed"); no host sync."""
+        if self.cfg.selection == "fixed":
+            return self.fixed_head[labels]
+        eligible = self.head_mask & (self.moments.count > 0)
+        if self.cfg.selection == "online":
+            unit = F.normalize(self.moments.mean, dim=1)
+            scores = self.cfg.tau * (unit[labels] @ unit.T)
+        else:
+            scores = torch.zeros(len(labels), self.num_classes, device=labels.device)
+        uniform = torch.rand_like(scores).clamp_min(torch.finfo(scores.dtype).tiny)
+        gumbel = -torch.log(-torch.log(uniform))
+        return (scores.masked_fill(~eligible, -math.inf) + gumbel).argmax(1)
+
+    def transfer(self, tails: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Σ_th per sample from the configured covariance source (Eq. 4–5)."""
+        cov_t, cov_h = self.moments.cov[tails], self.moments.cov[heads]
+        left, right = {"both": (cov_t, cov_h), "head": (cov_h, cov_h), "tail": (cov_t, cov_t)}[self.cfg.source]
+        if self.moments.diagonal:
+            return transfer_diagonal(left, right, self.cfg.tau)
+        return transfer_full(left, right, self.cfg.tau)

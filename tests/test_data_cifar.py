@@ -1,0 +1,82 @@
+"""The real CIFAR-10 files: LDAM-DRW's reference counts, `ldam` vs `first`, seed purity, val/test protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ltsearch.config import DataConfig
+from ltsearch.data.dataset import SourceData, assemble
+from ltsearch.data.longtail import exp_counts
+from ltsearch.registry import DATASETS
+
+pytestmark = pytest.mark.cifar
+REFERENCE_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+@pytest.fixture(scope="module")
+def cifar_config(cifar_root) -> DataConfig:
+    return DataConfig(name="cifar10", root=str(cifar_root), imbalance=100.0, construction="ldam", seed=0)
+
+
+@pytest.fixture(scope="module")
+def source(cifar_config) -> SourceData:
+    """The six pickles, read once for the whole module."""
+    return DATASETS.get("cifar10").obj(cifar_config)
+
+
+def build(source: SourceData, cfg: DataConfig, **changes):
+    return assemble(source, dataclasses.replace(cfg, **changes))
+
+
+def ids(split) -> set[int]:
+    return set(split.ids.tolist())
+
+
+def test_real_files_have_the_cifar10_shape_and_statistics(source):
+    assert source.train.images.shape == (50_000, 3, 32, 32) and len(source.test) == 10_000
+    assert source.train.class_counts(10).tolist() == [5000] * 10
+    assert source.class_names[:3] == ["airplane", "automobile", "bird"]
+    # Channel-major rows decoded right reproduce LDAM-DRW's normalisation constants.
+    mean = source.train.images.sum((0, 2, 3), dtype=torch.float64) / (50_000 * 32 * 32 * 255)
+    assert mean.tolist() == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-3)
+
+
+def test_ldam_construction_gives_the_reference_counts(source, cifar_config):
+    data = build(source, cifar_config)
+    assert data.class_counts.tolist() == REFERENCE_COUNTS and len(data.train) == 12_406
+    assert len(ids(data.train)) == 12_406
+
+
+def test_ldam_and_first_pick_different_images_with_the_same_counts(source, cifar_config):
+    ldam = build(source, cifar_config, construction="ldam")
+    first = build(source, cifar_config, construction="first")
+    assert first.class_counts.tolist() == REFERENCE_COUNTS
+    assert ids(ldam.train) != ids(first.train)
+    trucks = first.train.ids[first.train.labels == 9]  # `first`: the first 50 trucks in file order
+    assert trucks.tolist() == torch.nonzero(source.train.labels == 9).squeeze(1)[:50].tolist()
+
+
+def test_ldam_construction_is_a_pure_function_of_the_seed(source, cifar_config):
+    seed0, again = build(source, cifar_config, seed=0), build(source, cifar_config, seed=0)
+    seed1 = build(source, cifar_config, seed=1)
+    assert torch.equal(seed0.train.ids, again.train.ids)
+    assert seed0.construction["train_fingerprint"] == again.construction["train_fingerprint"]
+    assert ids(seed0.train) != ids(seed1.train) and seed1.class_counts.tolist() == REFERENCE_COUNTS
+
+
+def test_val_from_test_is_the_first_tenth_of_each_class(source, cifar_config):
+    data = build(source, cifar_config)
+    assert data.val.class_counts(10).tolist() == [100] * 10 and data.test.class_counts(10).tolist() == [900] * 10
+    assert not ids(data.val) & ids(data.test) and not ids(data.train) & (ids(data.val) | ids(data.test))
+    first_hundred = [int(i) + 50_000 for i in torch.nonzero(source.test.labels == 3).squeeze(1)[:100]]
+    assert data.val.ids[data.val.labels == 3].tolist() == first_hundred
+
+
+def test_val_from_train_is_balanced_and_shrinks_img_max(source, cifar_config):
+    data = build(source, cifar_config, val_source="train")
+    assert data.val.class_counts(10).tolist() == [500] * 10 and len(data.test) == 10_000
+    assert data.class_counts.tolist() == exp_counts(4500, 10, 100.0)
+    assert not ids(data.train) & ids(data.val) and not (ids(data.train) | ids(data.val)) & ids(data.test)

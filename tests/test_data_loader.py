@@ -1,0 +1,166 @@
+"""The resident loader: batched crop/flip against slicing, exact wiring, reproducibility and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltsearch.augmenters.base import head_class_mask
+from ltsearch.config import DataConfig
+from ltsearch.data import build_dataset, create_train_loader, eval_batches
+from ltsearch.data.augment import horizontal_flip, random_crop, to_unit_range
+from ltsearch.data.samplers import instance
+from ltsearch.errors import ConfigError
+
+CFG = DataConfig()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset(CFG)
+
+
+def collect(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*batches)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ------------------------------------------------------------------------------------ batched ops
+def test_random_crop_equals_slicing_the_padded_image():
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5) + 1
+    offsets = torch.tensor([[0, 4], [2, 1]])
+    crops = random_crop(images, offsets, padding=2)
+    padded = F.pad(images, (2, 2, 2, 2))
+    assert crops.shape == images.shape
+    assert torch.equal(crops[0], padded[0, :, 0:5, 4:9])
+    assert torch.equal(crops[1], padded[1, :, 2:7, 1:6])
+    assert torch.equal(crops[0, :, :2, :], torch.zeros(3, 2, 5))  # zero padding enters from the top
+    assert torch.equal(random_crop(images, torch.tensor([[2, 2], [2, 2]]), padding=2), images)
+
+
+def test_horizontal_flip_mirrors_only_the_marked_images():
+    images = torch.arange(2 * 1 * 2 * 3).view(2, 1, 2, 3)
+    flipped = horizontal_flip(images, torch.tensor([True, False]))
+    assert flipped[0, 0].tolist() == [[2, 1, 0], [5, 4, 3]] and torch.equal(flipped[1], images[1])
+
+
+def test_to_unit_range_scales_and_resizes():
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 1, 3, 3)
+    out = to_unit_range(images, 3)
+    assert out.dtype == torch.float32 and out[0, 0, 0].tolist() == pytest.approx([0.0, 0.2, 1.0])
+    assert to_unit_range(images, 6).shape == (1, 1, 6, 6)
+
+
+# ------------------------------------------------------------------------------------ the loader
+def test_unaugmented_epoch_is_the_sampler_order_of_the_training_images(digits):
+    cfg = dataclasses.replace(CFG, augment="none")
+    loader = create_train_loader(digits, cfg, batch_size=64, device="cpu", seed=7)
+    batches = list(loader.epoch("instance"))
+    assert len(loader) == len(batches) == math.ceil(len(digits.train) / 64)
+    assert [len(y) for _, y in batches[:-1]] == [64] * (len(batches) - 1)
+    x, y = collect(batches)
+    order = instance(digits.train.labels, digits.class_counts, num_samples=len(digits.train), batch_size=64,
+                     generator=torch.Generator().manual_seed(7), head_mask=None)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(y, digits.train.labels[order])
+    assert torch.allclose(x, digits.train.images[order].float() / 255)
+
+
+def test_digits_are_cropped_but_never_flipped(digits):
+    loader = create_train_loader(digits, CFG, batch_size=128, device="cpu", seed=3)
+    x, _ = collect(loader.epoch("instance"))
+    order = instance(digits.train.labels, digits.class_counts, num_samples=len(digits.train), batch_size=128,
+                     generator=torch.Generator().manual_seed(3), head_mask=None)
+    padded = F.pad(digits.train.images[order].float() / 255, (1, 1, 1, 1))
+    crops = torch.stack([padded[:, :, r:r + 8, c:c + 8] for r in range(3) for c in range(3)], 1)  # (N, 9, 1, 8, 8)
+    matches = (crops == x[:, None]).flatten(2).all(2)
+    assert bool(matches.any(1).all())  # every sample is one of the 9 unflipped crops of its image
+    moved = ~matches[:, 4]  # index 4 = offset (1, 1) = the image itself
+    assert 0.7 < moved.float().mean() < 0.95  # 8 of 9 offsets move the image (up to blank borders)
+
+
+def test_flips_happen_about_half_the_time_when_the_source_allows(digits):
+    mirror_ok = dataclasses.replace(digits, augment=dataclasses.replace(digits.augment, crop_padding=0, horizontal_flip=True))
+    loader = create_train_loader(mirror_ok, CFG, batch_size=128, device="cpu", seed=0)
+    x, _ = collect(loader.epoch("instance"))
+    order = instance(digits.train.labels, digits.class_counts, num_samples=len(digits.train), batch_size=128,
+                     generator=torch.Generator().manual_seed(0), head_mask=None)
+    originals = digits.train.images[order].float() / 255
+    same = (x == originals).flatten(1).all(1)
+    mirrored = (x == originals.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    assert 0.4 < (mirrored & ~same).float().mean() < 0.6
+
+
+def test_same_seed_same_batches_and_resume_repeats_the_next_epoch(digits):
+    first = create_train_loader(digits, CFG, batch_size=50, device="cpu", seed=11)
+    twin = create_train_loader(digits, CFG, batch_size=50, device="cpu", seed=11)
+    other = create_train_loader(digits, CFG, batch_size=50, device="cpu", seed=12)
+    epoch1 = collect(first.epoch("class_balanced"))
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, collect(twin.epoch("class_balanced"))))
+    assert not torch.equal(epoch1[0], collect(other.epoch("class_balanced"))[0])
+    state = first.state_dict()
+    resumed = create_train_loader(digits, CFG, batch_size=50, device="cpu", seed=999)
+    resumed.load_state_dict(state)
+    epoch2 = collect(first.epoch("instance"))
+    assert all(torch.equal(a, b) for a, b in zip(epoch2, collect(resumed.epoch("instance"))))
+    assert not torch.equal(epoch1[1], epoch2[1])
+
+
+def test_epoch_state_is_fixed_when_the_epoch_starts_even_if_it_is_cut_short(digits):
+    full = create_train_loader(digits, CFG, batch_size=50, device="cpu", seed=4)
+    cut = create_train_loader(digits, CFG, batch_size=50, device="cpu", seed=4)
+    list(full.epoch("instance"))
+    next(iter(cut.epoch("instance")))
+    assert torch.equal(full.state_dict()["generator"], cut.state_dict()["generator"])
+
+
+def test_head_tail_batches_through_the_loader(digits):
+    head_mask = head_class_mask(digits.class_counts, 0.5)
+    loader = create_train_loader(digits, CFG, batch_size=16, device="cpu", seed=0, head_mask=head_mask)
+    for _, y in list(loader.epoch("head_tail"))[:-1]:
+        assert bool((~head_mask[y[:8]]).all()) and bool(head_mask[y[8:]].all())
+
+
+def test_unknown_sampler_names_the_config_key(digits):
+    loader = create_train_loader(digits, CFG, batch_size=16, device="cpu", seed=0)
+    with pytest.raises(ConfigError) as error:
+        loader.epoch("balanced")
+    assert error.value.key == "loss.resample.sampler"
+
+
+def test_eval_batches_are_in_order_and_unaugmented(digits):
+    x, y = collect(eval_batches(digits, "test", batch_size=100, device="cpu"))
+    assert torch.equal(y, digits.test.labels) and torch.equal(x, digits.test.images.float() / 255)
+    x_val, _ = collect(eval_batches(digits, digits.val, batch_size=7, device="cpu"))
+    assert torch.equal(x_val, digits.val.images.float() / 255)
+
+
+def test_image_size_resizes_train_and_eval_batches():
+    data = build_dataset(dataclasses.replace(CFG, image_size=16))
+    x, _ = next(iter(create_train_loader(data, data.config, batch_size=8, device="cpu", seed=0).epoch("instance")))
+    assert x.shape == (8, 1, 16, 16) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert next(iter(eval_batches(data, "val", batch_size=8, device="cpu")))[0].shape == (8, 1, 16, 16)
+
+
+@pytest.mark.parametrize("placement", ["device", "loader", "auto"])
+def test_every_placement_yields_the_same_batches(digits, placement):
+    cfg = dataclasses.replace(CFG, placement=placement)
+    reference = collect(create_train_loader(digits, CFG, batch_size=32, device="cpu", seed=2).epoch("instance"))
+    got = collect(create_train_loader(digits, cfg, batch_size=32, device="cpu", seed=2).epoch("instance"))
+    assert torch.equal(reference[0], got[0]) and torch.equal(reference[1], got[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_equal_cpu_batches(digits):
+    cpu = collect(create_train_loader(digits, CFG, batch_size=64, device="cpu", seed=5).epoch("class_balanced"))
+    cuda = collect(create_train_loader(digits, CFG, batch_size=64, device="cuda", seed=5).epoch("class_balanced"))
+    assert cuda[0].device.type == "cuda"
+    assert torch.equal(cpu[0], cuda[0].cpu()) and torch.equal(cpu[1], cuda[1].cpu())
+    assert np.array_equal(collect(eval_batches(digits, "test", batch_size=64, device="cuda"))[0].cpu().numpy(),
+                          (digits.test.images.float() / 255).numpy())
