@@ -196,13 +196,19 @@ class ScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD hyperparameters (the optimiser every paper here uses) and the batch size."""
+    """SGD hyperparameters (the optimiser every paper here uses) and the batch size.
+
+    `grad_clip` bounds the gradient norm of the backbone and, separately, of the augmenter's own modules
+    (off by default, as in every reference recipe). It keeps methods with unbounded ratio losses (SAFA's
+    mode seeking, Eq. 7) finite at high learning rates without letting their gradients shrink the backbone's.
+    """
 
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 2e-4
     nesterov: bool = False
     batch_size: int = 128
+    grad_clip: float | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def validate(self, where: str) -> None:
@@ -210,6 +216,8 @@ class OptimConfig:
         check.number(f"{where}.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         check.number(f"{where}.weight_decay", self.weight_decay, low=0.0)
         check.number(f"{where}.batch_size", self.batch_size, low=1)
+        if self.grad_clip is not None:
+            check.number(f"{where}.grad_clip", self.grad_clip, low=0.0, low_open=True, what="max global L2 norm of the gradient")
 
 
 # -------------------------------------------------------------------------------------------- train

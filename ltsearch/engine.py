@@ -210,8 +210,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.augmenter = self._build_augmenter().to(self.device)
         self.loss_fn = create_loss(config.loss, self.class_counts).to(self.device)
-        params = [p for p in list(self.model.parameters()) + list(self.augmenter.parameters())]
-        self.optimizer = torch.optim.SGD(params, lr=config.optim.lr, momentum=config.optim.momentum,
+        self.optimizer = torch.optim.SGD(list(self.model.parameters()) + list(self.augmenter.parameters()), lr=config.optim.lr, momentum=config.optim.momentum,
                                          weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov)
         self.loader = create_train_loader(self.data, config.data, batch_size=config.optim.batch_size, device=self.device,
                                           seed=config.train.seed, head_mask=self.augmenter.head_mask.cpu())
@@ -243,11 +242,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def train_epoch(self) -> dict[str, float]:
+    def begin_epoch(self) -> tuple[str, torch.Tensor | None]:
+        """Set the epoch's lr, class weights, sampler and train/frozen modes; returns (sampler, class weights)."""
         epoch, cfg = self.epoch, self.config
-        lr = learning_rate(cfg.optim.schedule, cfg.optim.lr, epoch, cfg.train.epochs)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = learning_rate(cfg.optim.schedule, cfg.optim.lr, epoch, cfg.train.epochs)
         class_weights = class_weights_for_epoch(cfg.loss.reweight, self.class_counts, epoch)
         if class_weights is not None:
             class_weights = class_weights.to(self.device)
@@ -256,39 +255,55 @@ class Trainer:
         self.augmenter.train()
         self.augmenter.on_epoch_start(epoch)
         self._apply_trainable_filter(epoch)
+        return sampler, class_weights
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns the step's loss terms and the real samples' correct count (device tensors, no sync)."""
+        cfg = self.config
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         k = self.augmenter.insert_at
-        weights = self.augmenter.loss_weights
+        state = TrainState(epoch=self.epoch, epochs=cfg.train.epochs, step=self.step, steps_per_epoch=len(self.loader),
+                           model=self.model, class_weights=class_weights)
+        with self._autocast():
+            out = self.augmenter(self.model.forward_until(k, x), y, state)
+            logits = self.model.forward_from(k, out.feats)
+            cls_loss = self.loss_fn(logits.float(), out.labels, sample_weights=out.sample_weights, class_weights=class_weights)
+            loss = self.augmenter.cls_weight * cls_loss
+            weights = self.augmenter.loss_weights
+            for name, term in out.aux_losses.items():
+                loss = loss + weights.get(name, 1.0) * term.float()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip is not None:  # per part: a method's large aux gradients must not shrink the backbone's
+            for part in (self.model, self.augmenter):
+                torch.nn.utils.clip_grad_norm_(part.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        batch = y.shape[0]
+        terms = {"loss": loss, "cls_loss": cls_loss, **{f"aux/{n}": t for n, t in out.aux_losses.items()}}
+        terms = {name: value.detach().float() for name, value in terms.items()}
+        terms["correct"] = (logits[:batch].argmax(1) == out.labels[:batch]).sum()  # the real samples come first
+        return terms
+
+    def train_epoch(self) -> dict[str, float]:
+        sampler, class_weights = self.begin_epoch()
         sums: dict[str, torch.Tensor] = {}
         seen, correct = 0, torch.zeros((), device=self.device)
         start = time.perf_counter()
-        steps_per_epoch = len(self.loader)
         for x, y in self.loader.epoch(sampler):
-            if self.device.type == "cuda" and cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            state = TrainState(epoch=epoch, epochs=cfg.train.epochs, step=self.step, steps_per_epoch=steps_per_epoch,
-                               model=self.model, class_weights=class_weights)
-            with self._autocast():
-                out = self.augmenter(self.model.forward_until(k, x), y, state)
-                logits = self.model.forward_from(k, out.feats)
-                cls_loss = self.loss_fn(logits.float(), out.labels, sample_weights=out.sample_weights, class_weights=class_weights)
-                loss = self.augmenter.cls_weight * cls_loss
-                for name, term in out.aux_losses.items():
-                    loss = loss + weights.get(name, 1.0) * term.float()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
+            terms = self.train_step(x, y, class_weights)
             batch = y.shape[0]
             seen += batch
-            correct += (logits[:batch].argmax(1) == out.labels[:batch]).sum()  # the real samples come first
-            for name, value in (("loss", loss), ("cls_loss", cls_loss), *((f"aux/{n}", t) for n, t in out.aux_losses.items())):
-                sums[name] = sums.get(name, torch.zeros((), device=self.device)) + value.detach().float() * batch
+            correct += terms.pop("correct")
+            for name, value in terms.items():
+                sums[name] = sums.get(name, torch.zeros((), device=self.device)) + value * batch
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         metrics = {f"train/{name}": float(total) / max(1, seen) for name, total in sums.items()}
-        metrics.update({"train/top1": 100.0 * float(correct) / max(1, seen), "lr": lr, "epoch_seconds": seconds,
-                        "images_per_s": seen / max(seconds, 1e-9), "train/sampler": sampler})
+        metrics.update({"train/top1": 100.0 * float(correct) / max(1, seen), "lr": self.optimizer.param_groups[0]["lr"],
+                        "epoch_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "train/sampler": sampler})
         return metrics
 
     def _apply_trainable_filter(self, epoch: int) -> None:

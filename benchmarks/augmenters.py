@@ -1,0 +1,103 @@
+"""Training-step time of each augmenter relative to the same step without one (ratio, one run).
+
+ResNet-32 on CIFAR-10-LT (rho = 100) batches of 128 drawn by the sampler each method asks for, at the
+method's default insertion point, in its active phase (after T_th). All variants are timed round-robin
+in one process so the ratios share the machine's load. Targets: <= 1.10 for SMART, RSG, LCReg,
+<= 1.25 for SAFA; M2m is reported with its T (it runs T extra forward/backward passes by design).
+
+    python benchmarks/augmenters.py --data-root ../shared/data --steps 10 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ltsearch.config import load_run_config
+from ltsearch.data import build_dataset
+from ltsearch.engine import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"smart": 1.10, "rsg": 1.10, "lcreg": 1.10, "safa": 1.25}
+
+
+def make_trainer(method: str, data, args) -> Trainer:
+    overrides = [f"data.root={args.data_root}", f"train.device={args.device}", f"augmenter.name={method}", "augmenter.start_epoch=0"]
+    if method == "m2m":
+        overrides += [f"augmenter.m2m.reference_epochs={args.m2m_reference_epochs}"]
+    return Trainer(load_run_config(REPO / "configs" / "cifar10_lt.yaml", overrides), data=data)
+
+
+def batches(trainer: Trainer, sampler: str):
+    while True:
+        yield from trainer.loader.epoch(sampler)
+
+
+def timed(trainer: Trainer, stream, class_weights, steps: int) -> float:
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(stream)
+        trainer.train_step(x, y, class_weights)
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--methods", default="none,smart,safa,rsg,lcreg,m2m")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--m2m-reference-epochs", type=int, default=1, help="epochs of M2m's reference g (timing only)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("LTSEARCH_CACHE", tempfile.mkdtemp(prefix="ltsearch-bench-"))
+
+    methods = args.methods.split(",")
+    base = load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}"])
+    data = build_dataset(base.data)
+    runs = {}
+    for method in methods:
+        trainer = make_trainer(method, data, args)
+        sampler, class_weights = trainer.begin_epoch()  # M2m builds g here, outside the timing
+        stream = batches(trainer, sampler)
+        timed(trainer, stream, class_weights, 2)  # warm-up
+        runs[method] = (trainer, stream, class_weights, sampler)
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for method, (trainer, stream, class_weights, _) in runs.items():
+            seconds[method].append(timed(trainer, stream, class_weights, args.steps))
+    step = {m: statistics.median(v) for m, v in seconds.items()}
+    trainer = runs[methods[0]][0]
+    device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    lines = [f"### augmenters.py — {time.strftime('%Y-%m-%d')} — {device}",
+             f"`python benchmarks/augmenters.py --steps {args.steps} --rounds {args.rounds}` (ResNet-32, CIFAR-10-LT rho=100, batch 128, "
+             f"active phase, default insertion point, median of {args.rounds} rounds)", "",
+             "| method | insert_at | sampler | ms/step | ratio vs none | target |", "|---|---|---|---|---|---|"]
+    for method in methods:
+        trainer, _, _, sampler = runs[method]
+        ratio = step[method] / step["none"] if "none" in step else float("nan")
+        if method == "m2m":
+            target = f"reported (T = {trainer.config.augmenter.m2m.steps})"
+        else:
+            target = f"<= {TARGETS[method]:.2f} {'ok' if ratio <= TARGETS[method] else 'MISSED'}" if method in TARGETS else "-"
+        lines.append(f"| {method} | {trainer.augmenter.insert_at} | {sampler} | {1000 * step[method]:.1f} | {ratio:.2f} | {target} |")
+    lines.append("")
+    print("\n".join(lines))
+    if args.write:
+        with open(REPO / "benchmarks" / "RESULTS.md", "a") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
