@@ -26,7 +26,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
-	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python -m benchmarks.pipeline --write && $(BIN)/python -m benchmarks.augmenters --write
 
 clean:
 	rm -rf runs .pytest_cache

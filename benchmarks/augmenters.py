@@ -5,7 +5,7 @@ method's default insertion point, in its active phase (after T_th). All variants
 in one process so the ratios share the machine's load. Targets: <= 1.10 for SMART, RSG, LCReg,
 <= 1.25 for SAFA; M2m is reported with its T (it runs T extra forward/backward passes by design).
 
-    python benchmarks/augmenters.py --data-root ../shared/data --steps 10 --write
+    python -m benchmarks.augmenters --data-root ../shared/data --steps 10 --write   (from the repo root)
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     trainer = runs[methods[0]][0]
     device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [f"### augmenters.py — {time.strftime('%Y-%m-%d')} — {device}",
-             f"`python benchmarks/augmenters.py --steps {args.steps} --rounds {args.rounds}` (ResNet-32, CIFAR-10-LT rho=100, batch 128, "
+             f"`python -m benchmarks.augmenters --steps {args.steps} --rounds {args.rounds}` (ResNet-32, CIFAR-10-LT rho=100, batch 128, "
              f"active phase, default insertion point, median of {args.rounds} rounds)", "",
              "| method | insert_at | sampler | ms/step | ratio vs none | target |", "|---|---|---|---|---|---|"]
     for method in methods:

@@ -4,7 +4,7 @@ torchvision DataLoader pipeline with the same model, transforms (crop pad 4 + fl
 Both variants run in one process, interleaved round by round, so the ratio is measured under the same
 machine load. On CPU a full epoch is ~70 s per variant, so `--steps` times a fixed number of steps.
 
-    python benchmarks/pipeline.py --data-root ../shared/data --steps 40 --write
+    python -m benchmarks.pipeline --data-root ../shared/data --steps 40 --write   (from the repo root)
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
         f"### pipeline.py — {time.strftime('%Y-%m-%d')} — {device}",
-        f"`python benchmarks/pipeline.py --steps {args.steps} --rounds {args.rounds} --workers {args.workers}` "
+        f"`python -m benchmarks.pipeline --steps {args.steps} --rounds {args.rounds} --workers {args.workers}` "
         f"(ResNet-32, CIFAR-10-LT rho=100, batch {batch}, median of {args.rounds} rounds)",
         "",
         "| pipeline | images/s |",
