@@ -180,3 +180,20 @@ def test_cli_train_each_method_on_cifar10(method: str, tmp_path: Path, cifar_roo
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert math.isfinite(metrics["final"]["test/top1"])
+
+
+def test_lcreg_second_stage_trains_only_the_classifier() -> None:
+    """Decoupled fine-tuning (LCReg Sec. 3.4): in the last epoch only classifier weights may move."""
+    trainer = Trainer(config_for("lcreg", "augmenter.start_epoch=0", "train.epochs=2", "augmenter.lcreg.second_stage_epochs=1"))
+    runs = trainer.run()
+    next(runs)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in trainer.model.named_buffers()}
+    aug_before = {name: p.detach().clone() for name, p in trainer.augmenter.named_parameters()}
+    last = next(runs)
+    moved = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and all(name.startswith("classifier") for name in moved), moved
+    assert all(torch.equal(b, buffers[name]) for name, b in trainer.model.named_buffers()), "frozen BN statistics moved"
+    assert all(torch.equal(p, aug_before[name]) for name, p in trainer.augmenter.named_parameters())
+    assert not any(key.startswith("train/aux/") for key in last.metrics)
+    assert last.metrics["train/sampler"] == "class_balanced"
