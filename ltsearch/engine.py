@@ -210,6 +210,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.augmenter = self._build_augmenter().to(self.device)
         self.loss_fn = create_loss(config.loss, self.class_counts).to(self.device)
+        self._clip_parts = [params for params in (list(self.model.parameters()), list(self.augmenter.parameters())) if params]
         self.optimizer = torch.optim.SGD(list(self.model.parameters()) + list(self.augmenter.parameters()), lr=config.optim.lr, momentum=config.optim.momentum,
                                          weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov)
         self.loader = create_train_loader(self.data, config.data, batch_size=config.optim.batch_size, device=self.device,
@@ -276,8 +277,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip is not None:  # per part: a method's large aux gradients must not shrink the backbone's
-            for part in (self.model, self.augmenter):
-                torch.nn.utils.clip_grad_norm_(part.parameters(), cfg.optim.grad_clip)
+            for part in self._clip_parts:
+                torch.nn.utils.clip_grad_norm_(part, cfg.optim.grad_clip)
         self.optimizer.step()
         self.step += 1
         batch = y.shape[0]
