@@ -1,4 +1,4 @@
-# make demo : create .venv, install ltsearch, run the main job on the embedded digits default
+# make demo : create .venv, install ltsearch, run the main job (a search on the embedded digits default)
 # make test : create .venv, install ltsearch with test extras, run the whole suite (slow tests included)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/ltsearch data configs/digits.yaml
-	$(BIN)/ltsearch train configs/digits.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/ltsearch check search_spaces/quickstart.yaml
+	$(BIN)/ltsearch tune search_spaces/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -26,7 +26,9 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
-	$(BIN)/python -m benchmarks.pipeline --write && $(BIN)/python -m benchmarks.augmenters --write
+	$(BIN)/python -m benchmarks.pipeline --write && $(BIN)/python -m benchmarks.augmenters --write && \
+	$(BIN)/python -m benchmarks.platform --write && $(BIN)/python -m benchmarks.search --write && \
+	$(BIN)/python -m benchmarks.packing --write
 
 clean:
 	rm -rf runs .pytest_cache

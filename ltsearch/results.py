@@ -41,3 +41,73 @@ def write_json(data: Any, path: str | Path) -> Path:
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------ any pyarrow filesystem (sweep directories)
+def _location(uri: str) -> tuple[Any, str]:
+    """(filesystem, path) for a local path or a pyarrow URI (s3://, gs://, hdfs://): a sweep may live on shared storage."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), str(Path(uri).resolve())
+    return fs.FileSystem.from_uri(uri)
+
+
+def location_exists(uri: str) -> bool:
+    from pyarrow import fs
+
+    filesystem, path = _location(uri)
+    return filesystem.get_file_info(path).type != fs.FileType.NotFound
+
+
+def write_text_to(text: str, uri: str) -> str:
+    """Write a small text file anywhere pyarrow reaches; local files are replaced atomically."""
+    if "://" not in uri:
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return uri
+    filesystem, path = _location(uri)
+    filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+    return uri
+
+
+def read_text_from(uri: str) -> str:
+    filesystem, path = _location(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _column(values: list[Any]) -> pa.Array:
+    """A column of mixed types (a choice of a number and a string) is stored as text rather than failing."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values])
+
+
+def write_table_to(rows: list[dict[str, Any]], uri: str) -> str:
+    """`write_table` for any location: one row per dict (union of keys), dict cells kept as JSON text."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    table = pa.table({c: _column([_cell(row.get(c)) for row in rows]) for c in columns}) if rows else pa.table({})
+    if "://" not in uri:
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return uri
+    filesystem, path = _location(uri)
+    pq.write_table(table, path, filesystem=filesystem)
+    return uri
+
+
+def _cell(value: Any) -> Any:
+    value = _clean(value)
+    return json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict) else value

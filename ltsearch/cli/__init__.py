@@ -8,7 +8,7 @@ import sys
 
 from ltsearch.errors import LtsearchError
 
-SUBCOMMANDS = ("train", "data")
+SUBCOMMANDS = ("train", "data", "tune", "check")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,65 @@
+"""`ltsearch check FILE [--set k=v]`: validate a search file (or a run config) and say what it would launch.
+
+Nothing is started: the space is parsed, every corner of it is built into a run config and checked
+against the backbone, and the trial count, the epoch budget and the space are printed. Exit code 2
+(one line naming the key) when anything is wrong, so it also serves as a CI check of shipped files.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from ltsearch.cli._common import add_overrides
+from ltsearch.config import apply_overrides, build_run_config, read_yaml
+
+if TYPE_CHECKING:
+    from ltsearch.tune import Sweep
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("check", help="validate a search file or run config and print trials, epochs and the space; starts nothing")
+    parser.add_argument("file", help="search file (with `space:`) or run config YAML")
+    add_overrides(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raw = apply_overrides(read_yaml(args.file), args.overrides)
+    if "space" not in raw:
+        from ltsearch.engine import check_compatible
+
+        config = build_run_config(raw, source=args.file)
+        check_compatible(config)
+        print(f"{args.file}: a valid run config: 1 run of {config.train.epochs} epochs "
+              f"({config.data.name}, {config.model.name}, loss {config.loss.name}, augmenter {config.augmenter.name}); "
+              f"run it with `ltsearch train {args.file}`")
+        return 0
+    from ltsearch.tune import parse_sweep
+
+    sweep = parse_sweep(raw, source=args.file)
+    print(describe(sweep))
+    return 0
+
+
+def describe(sweep: "Sweep") -> str:
+    """What `check` prints: validity, trials, epochs, the space, and how it would run."""
+    search, execution = sweep.search, sweep.execution
+    grid = f" = {len(sweep.cells)} grid cells x {search.num_samples}" if sweep.cells else ""
+    lines = [
+        f"{sweep.source}: valid ({sweep.corners_checked} corners of the space built and checked)",
+        f"trials: {sweep.num_trials}{grid} (sampler {search.sampler}, seed {search.seed}, "
+        f"{'at most ' + str(search.max_concurrent) if search.max_concurrent else 'as many as resources allow'} at once)",
+        f"epochs: at most {sweep.max_epochs} per trial, at most {sweep.max_epochs * sweep.num_trials} in all "
+        f"(scheduler {sweep.scheduler.describe(sweep.max_epochs)})",
+        f"metric: {sweep.objective.metric} ({sweep.objective.mode})",
+        f"resources per trial: {execution.resources.cpu:g} cpu, {execution.resources.gpu:g} gpu; "
+        f"checkpoint every {execution.checkpoint.every} epoch(s); retries {execution.max_failures}",
+        f"sweep directory: {(execution.storage or 'runs').rstrip('/')}/{execution.name or sweep.source.rsplit('/', 1)[-1].rsplit('.', 1)[0]}-<time>",
+        "space:",
+    ]
+    rows = sweep.space.describe()
+    width = max(len(key) for key, _, _ in rows)
+    dist_width = max(len(dist) for _, dist, _ in rows)
+    lines += [f"  {key.ljust(width)}  {dist.ljust(dist_width)}  {condition}".rstrip() for key, dist, condition in rows]
+    return "\n".join(lines)

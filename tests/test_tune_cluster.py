@@ -1,0 +1,165 @@
+"""`ltsearch tune` as a user runs it, in subprocesses: a driver killed with SIGKILL and resumed, and a
+2-node Ray cluster on loopback (`ray start --head` + `ray start --address`) started and stopped here.
+
+Every process these tests start is stopped by its id (the driver's whole session, the `ray start
+--block` supervisors), also when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ltsearch.results import read_table
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUICKSTART = str(REPO / "search_spaces" / "quickstart.yaml")
+SMALL = ["--set", "space.model.width={choice: [16]}", "--set", "scheduler={name: fifo}", "--set", "search.max_concurrent=2",
+         "--set", "train.device=cpu", "--set", "checkpoint.every=1"]
+
+pytestmark = pytest.mark.slow
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (the driver started with start_new_session, and what it spawned)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def result_lines(directory: Path) -> dict[str, list[int]]:
+    """trial id -> the epochs it reported, in order (Ray's result.json)."""
+    out = {}
+    for path in directory.glob("trial_*/result.json"):
+        epochs = []
+        for line in path.read_text().splitlines():
+            try:
+                epochs.append(json.loads(line)["epochs"])
+            except json.JSONDecodeError:  # the line being written right now
+                break
+        out[path.parent.name.removeprefix("trial_")] = epochs
+    return out
+
+
+def test_a_killed_sweep_resumes_with_every_trial_accounted_for_once(tmp_path):
+    directory = tmp_path / "sweep"
+    env = {**os.environ, "LTSEARCH_CACHE": str(tmp_path / "cache")}
+    epochs, trials = 8, 5
+    command = [str(BIN / "ltsearch"), "tune", QUICKSTART, *SMALL, "--set", f"train.epochs={epochs}", "--set", f"search.num_samples={trials}",
+               "--out", str(directory)]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill once one trial finished and another is part-way, with a checkpoint
+            lines = result_lines(directory)
+            done = [t for t, e in lines.items() if e and e[-1] == epochs]
+            partway = [t for t, e in lines.items() if e and 2 <= e[-1] < epochs]
+            if done and partway and list(directory.glob("experiment_state-*.json")):
+                break
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.1)
+        else:
+            pytest.fail("no moment with a finished and a part-way trial")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        kill_session(driver.pid)
+    before = result_lines(directory)
+    finished_before = {t for t, e in before.items() if e[-1] == epochs}
+    assert not (directory / "trials.parquet").exists()
+
+    resumed = subprocess.run([str(BIN / "ltsearch"), "tune", "--resume", str(directory)], env=env, capture_output=True, text=True,
+                             timeout=300, start_new_session=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = result_lines(directory)
+    rows = read_table(directory / "trials.parquet")
+    assert len(rows) == trials and len({r["trial_id"] for r in rows}) == trials == len(after)
+    assert all(r["status"] == "completed" and r["epochs"] == epochs for r in rows)
+    for trial in finished_before:
+        assert after[trial] == before[trial], f"finished trial {trial} ran again"
+    for trial, reported in after.items():
+        assert reported.count(1) == 1, f"trial {trial} started over: {reported}"  # part-way trials resumed from checkpoints
+        assert sorted(set(reported)) == list(range(1, epochs + 1))
+    history = read_table(directory / "history.parquet")
+    assert len(history) == trials * epochs
+    assert "best trial" in resumed.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`ray start --block`: the supervisor stays in the foreground and stops its node on SIGTERM."""
+    ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    command = [str(BIN / "ray"), "start", *args, "--num-cpus", "1", "--object-store-memory", str(150 * 2**20), "--disable-usage-stats",
+               "--block", "--node-ip-address", "127.0.0.1", *[x for port in ports for x in (port, str(free_port()))]]
+    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_started(node: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 90
+    while "Ray runtime started" not in log.read_text():
+        assert node.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
+
+
+def test_a_sweep_on_a_two_node_cluster_places_trials_on_both_nodes(tmp_path):
+    temp = Path(f"/tmp/lts-{os.getpid()}-{time.monotonic_ns() % 10**6}")  # short: Ray's socket paths have a length limit
+    temp.mkdir()
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "LTSEARCH_CACHE": str(tmp_path / "cache")}
+    nodes = []
+    try:
+        nodes.append(start_node(["--head", "--port", str(port), "--temp-dir", str(temp), "--include-dashboard", "false"],
+                                tmp_path / "head.log", env))
+        wait_started(nodes[0], tmp_path / "head.log")
+        nodes.append(start_node(["--address", f"127.0.0.1:{port}"], tmp_path / "worker.log", env))
+        wait_started(nodes[1], tmp_path / "worker.log")
+        driver_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # `ltsearch tune` must switch token auth on itself
+        out = tmp_path / "sweep"
+        run = subprocess.run([str(BIN / "ltsearch"), "tune", QUICKSTART, *SMALL, "--set", "train.epochs=3", "--set", "search.num_samples=4",
+                              "--address", f"127.0.0.1:{port}", "--out", str(out)], env=driver_env, capture_output=True, text=True,
+                             timeout=300, start_new_session=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = read_table(out / "trials.parquet")
+        assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+        assert len({r["node_id"] for r in rows}) == 2, "every trial ran on one node"
+        assert "warning" not in run.stdout  # both nodes are this machine: the local sweep directory is visible to both
+    finally:
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)
+        for node in reversed(nodes):
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                kill_session(node.pid)
+        for node in nodes:
+            kill_session(node.pid)  # anything a supervisor left behind
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
