@@ -24,6 +24,8 @@ from ltsearch.config import load_run_config
 from ltsearch.data import build_dataset
 from ltsearch.engine import Trainer
 
+from benchmarks._results import publish
+
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"smart": 1.10, "rsg": 1.10, "lcreg": 1.10, "safa": 1.25}
 
@@ -93,10 +95,7 @@ def main() -> None:
             target = f"<= {TARGETS[method]:.2f} {'ok' if ratio <= TARGETS[method] else 'MISSED'}" if method in TARGETS else "-"
         lines.append(f"| {method} | {trainer.augmenter.insert_at} | {sampler} | {1000 * step[method]:.1f} | {ratio:.2f} | {target} |")
     lines.append("")
-    print("\n".join(lines))
-    if args.write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a") as handle:
-            handle.write("\n".join(lines) + "\n")
+    publish("\n".join(lines), args.write)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import torch
 from ltsearch.config import read_yaml
 from ltsearch.tune import parse_sweep, run_sweep
 
+from benchmarks._results import publish
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -96,10 +98,7 @@ def main() -> None:
     for count, total, rates in rows:
         lines.append(f"| {count} | {1 / count:.3g} | {total:.0f} | {total / single:.2f} | {statistics.mean(rates):.0f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

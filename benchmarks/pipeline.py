@@ -22,6 +22,8 @@ from torchvision import transforms
 from ltsearch.config import load_run_config
 from ltsearch.engine import Trainer
 
+from benchmarks._results import publish
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -103,10 +105,7 @@ def main() -> None:
         f"| **ratio** | **{ratio:.2f}x** |",
         "",
     ]
-    print("\n".join(lines))
-    if args.write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a") as handle:
-            handle.write("\n".join(lines) + "\n")
+    publish("\n".join(lines), args.write)
 
 
 if __name__ == "__main__":

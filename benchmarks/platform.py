@@ -41,6 +41,8 @@ import subprocess
 import tempfile
 import time
 
+from benchmarks._results import publish
+
 REPO = Path(__file__).resolve().parents[1]
 LTSEARCH = [str(Path(sys.executable).parent / "ltsearch")]
 
@@ -137,11 +139,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = report(args.file, args.overrides, args.rounds, result)
-    print(text)
+    publish(text, args.write)
     print(json.dumps(result))
-    if args.write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
 
 
 if __name__ == "__main__":

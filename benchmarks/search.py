@@ -32,6 +32,8 @@ from ray import tune
 
 from ltsearch.tune import EPOCHS, load_sweep, run_sweep
 
+from benchmarks._results import publish
+
 REPO = Path(__file__).resolve().parents[1]
 LRS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.4]
 WIDTHS = [16, 32, 64]
@@ -125,10 +127,7 @@ def main() -> None:
         lines.append(f"- within {tolerance:g} point of the grid's best: median {shown} "
                      f"({sum(1 for x in spent if not math.isinf(x))} of {len(rows)} seeds got there)")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":
