@@ -248,7 +248,10 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- run
 @dataclass
 class RunConfig:
-    """One training run: everything `engine.fit` needs, nothing about search or tracking."""
+    """One training run: everything `engine.fit` needs, nothing about search or tracking.
+
+    Checks that need the backbone's shape (insert_at) run in `engine.check_compatible`.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -256,9 +259,6 @@ class RunConfig:
     augmenter: AugmenterConfig = field(default_factory=AugmenterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    def validate(self, where: str) -> None:
-        """Nothing crosses sections yet; backbone-dependent checks (insert_at) run in `engine.check_compatible`."""
 
 
 # ================================================================================ generic machinery
@@ -326,7 +326,7 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, value, f"a list")
+            raise ConfigError(key, value, "a list")
         item = args[0] if args else Any
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:

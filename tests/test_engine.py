@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ltsearch.config import build_run_config, load_run_config
+from ltsearch.config import load_run_config
 from ltsearch.engine import Trainer, check_compatible, fit, learning_rate, summarize, train_reference_model
 from ltsearch.errors import ConfigError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ltsearch.cli._common import add_overrides
 from ltsearch.config import dump_yaml, load_run_config, read_yaml, build_run_config, apply_overrides
-from ltsearch.engine import CHECKPOINT_FILE, EpochResult, Trainer, check_compatible, summarize
+from ltsearch.engine import CHECKPOINT_FILE, EpochResult, Trainer, summarize
 from ltsearch.errors import ConfigError
 from ltsearch.results import write_json, write_table
 
@@ -59,15 +59,13 @@ def _start(args: argparse.Namespace) -> tuple[Trainer, Path]:
         if not (out / CHECKPOINT_FILE).is_file():
             raise ConfigError("--resume", str(out), f"a run directory holding {CHECKPOINT_FILE}")
         config = build_run_config(apply_overrides(read_yaml(out / "config.yaml"), args.overrides), source=str(out / "config.yaml"))
-        check_compatible(config)
         trainer = Trainer.restore(out, config=config)
         if args.overrides:
             (out / "config.yaml").write_text(dump_yaml(config))
         return trainer, out
     config = load_run_config(args.config, args.overrides)
-    check_compatible(config)
     out = _output_dir(args)
-    trainer = Trainer(config)
+    trainer = Trainer(config)  # checks the config against the backbone before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(config))
     return trainer, out
