@@ -25,6 +25,7 @@ from ltsearch.data import build_dataset
 from ltsearch.engine import Trainer
 
 from benchmarks._results import publish
+from benchmarks._timing import endless_batches, time_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"smart": 1.10, "rsg": 1.10, "lcreg": 1.10, "safa": 1.25}
@@ -35,22 +36,6 @@ def make_trainer(method: str, data, args) -> Trainer:
     if method == "m2m":
         overrides += [f"augmenter.m2m.reference_epochs={args.m2m_reference_epochs}"]
     return Trainer(load_run_config(REPO / "configs" / "cifar10_lt.yaml", overrides), data=data)
-
-
-def batches(trainer: Trainer, sampler: str):
-    while True:
-        yield from trainer.loader.epoch(sampler)
-
-
-def timed(trainer: Trainer, stream, class_weights, steps: int) -> float:
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        x, y = next(stream)
-        trainer.train_step(x, y, class_weights)
-    sync()
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -72,13 +57,13 @@ def main() -> None:
     for method in methods:
         trainer = make_trainer(method, data, args)
         sampler, class_weights = trainer.begin_epoch()  # M2m builds g here, outside the timing
-        stream = batches(trainer, sampler)
-        timed(trainer, stream, class_weights, 2)  # warm-up
+        stream = endless_batches(trainer, sampler)
+        time_steps(trainer, stream, class_weights, 2)  # warm-up
         runs[method] = (trainer, stream, class_weights, sampler)
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):
         for method, (trainer, stream, class_weights, _) in runs.items():
-            seconds[method].append(timed(trainer, stream, class_weights, args.steps))
+            seconds[method].append(time_steps(trainer, stream, class_weights, args.steps) / args.steps)
     step = {m: statistics.median(v) for m, v in seconds.items()}
     trainer = runs[methods[0]][0]
     device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"

@@ -23,6 +23,7 @@ from ltsearch.config import load_run_config
 from ltsearch.engine import Trainer
 
 from benchmarks._results import publish
+from benchmarks._timing import endless_batches, time_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,24 +53,6 @@ def dataloader_batches(trainer: Trainer, workers: int):
             yield x.to(trainer.device, non_blocking=True), y.to(trainer.device, non_blocking=True)
 
 
-def resident_batches(trainer: Trainer):
-    while True:
-        yield from trainer.loader.epoch("instance")
-
-
-def timed_steps(trainer: Trainer, batches, steps: int) -> float:
-    """Seconds for `steps` full training steps (data + forward + backward + update), device-synchronised."""
-    _, class_weights = trainer.begin_epoch()
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        x, y = next(batches)
-        trainer.train_step(x, y, class_weights)
-    sync()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
@@ -83,13 +66,14 @@ def main() -> None:
     config = load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}", f"train.device={args.device}"])
     trainer = Trainer(config)
     batch = config.optim.batch_size
-    streams = {"resident": resident_batches(trainer), "dataloader": dataloader_batches(trainer, args.workers)}
+    _, class_weights = trainer.begin_epoch()
+    streams = {"resident": endless_batches(trainer, "instance"), "dataloader": dataloader_batches(trainer, args.workers)}
     for stream in streams.values():  # warm-up: worker start, allocator, cudnn autotune
-        timed_steps(trainer, stream, 3)
+        time_steps(trainer, stream, class_weights, 3)
     seconds: dict[str, list[float]] = {name: [] for name in streams}
     for _ in range(args.rounds):
         for name, stream in streams.items():
-            seconds[name].append(timed_steps(trainer, stream, args.steps))
+            seconds[name].append(time_steps(trainer, stream, class_weights, args.steps))
     rate = {name: args.steps * batch / statistics.median(values) for name, values in seconds.items()}
     ratio = rate["resident"] / rate["dataloader"]
     device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
