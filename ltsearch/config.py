@@ -223,7 +223,10 @@ class OptimConfig:
 # -------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    """Length, seed and device of one run. `seed` drives init, sampling and augmentation (not the split)."""
+    """Length, seed and device of one run. `seed` drives init, sampling and augmentation (not the split).
+
+    `init_from` warm-starts the backbone's weights (only) from a finished run, e.g. to switch a method
+    on over a trained network at a decayed lr."""
 
     epochs: int = 10
     seed: int = 0
@@ -233,8 +236,12 @@ class TrainConfig:
     eval_batch_size: int = 512
     threads: int | None = None
     select_metric: str = "val/top1"
+    init_from: str | None = None
 
     def validate(self, where: str) -> None:
+        if self.init_from is not None and not (Path(self.init_from).is_file() or (Path(self.init_from) / "checkpoint.pt").is_file()):
+            raise ConfigError(f"{where}.init_from", self.init_from, "a run directory holding checkpoint.pt, or a checkpoint file",
+                              hint="Train the starting network first (ltsearch train ... --out DIR), then pass DIR.")
         check.number(f"{where}.epochs", self.epochs, low=1)
         check.number(f"{where}.seed", self.seed, low=0)
         check.number(f"{where}.eval_batch_size", self.eval_batch_size, low=1)

@@ -32,6 +32,7 @@ from ltsearch.augmenters.base import (Augmenter, AugmenterContext, FeatureSpec, 
                                       head_class_mask, resolve_head_ratio, resolve_insert_at, resolve_start_epoch)
 from ltsearch.config import RunConfig, ScheduleConfig, build_run_config, to_dict
 from ltsearch.data import LongTailData, build_dataset, create_train_loader, eval_batches
+from ltsearch.divergence import DivergenceGuard
 from ltsearch.errors import ConfigError
 from ltsearch.losses import class_weights_for_epoch, create_loss, sampler_for_epoch
 from ltsearch.metrics import classification_metrics
@@ -169,6 +170,21 @@ def train_reference_model(config: RunConfig, data: LongTailData, cache_dir: Path
     return model.eval().requires_grad_(False)
 
 
+def _warm_start(model: nn.Module, source: str) -> None:
+    """`train.init_from`: the backbone's weights (only) from a run directory or checkpoint file.
+
+    Optimiser, epoch, RNG and augmenter state start fresh: this is how a method is switched on over a
+    trained network (the "activated after the lr decay" regime of RSG, SAFA and M2m) without retraining it.
+    """
+    path = Path(source)
+    path = path / CHECKPOINT_FILE if path.is_dir() else path
+    try:
+        model.load_state_dict(_load_model_state(path))
+    except (FileNotFoundError, RuntimeError, KeyError) as error:
+        raise ConfigError("train.init_from", source, f"a run directory or checkpoint whose model matches this config's backbone and classes ({error})".split("\n")[0],
+                          hint="Point it at a finished `ltsearch train` run of the same data and model.") from error
+
+
 def _load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     return blob.get("model", blob) if isinstance(blob, dict) else blob
@@ -205,7 +221,10 @@ class Trainer:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         seed_everything(config.train.seed)
         self.class_counts = self.data.class_counts.clone().long()
-        self.model = _build_model(config, self.data).to(self.device)
+        self.model = _build_model(config, self.data)
+        if config.train.init_from:
+            _warm_start(self.model, config.train.init_from)
+        self.model = self.model.to(self.device)
         if self.device.type == "cuda" and config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.augmenter = self._build_augmenter().to(self.device)
@@ -291,20 +310,24 @@ class Trainer:
         sampler, class_weights = self.begin_epoch()
         sums: dict[str, torch.Tensor] = {}
         seen, correct = 0, torch.zeros((), device=self.device)
+        guard = DivergenceGuard(self.epoch, self.config.train.epochs, len(self.loader))
         start = time.perf_counter()
-        for x, y in self.loader.epoch(sampler):
+        for step_in_epoch, (x, y) in enumerate(self.loader.epoch(sampler)):
             terms = self.train_step(x, y, class_weights)
+            guard.observe({name: value for name, value in terms.items() if name != "correct"}, step_in_epoch)
             batch = y.shape[0]
             seen += batch
             correct += terms.pop("correct")
             for name, value in terms.items():
                 sums[name] = sums.get(name, torch.zeros((), device=self.device)) + value * batch
+        guard.check()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         metrics = {f"train/{name}": float(total) / max(1, seen) for name, total in sums.items()}
         metrics.update({"train/top1": 100.0 * float(correct) / max(1, seen), "lr": self.optimizer.param_groups[0]["lr"],
                         "epoch_seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "train/sampler": sampler})
+        metrics.update({f"aug/{name}": value for name, value in self.augmenter.epoch_diagnostics().items()})
         return metrics
 
     def _apply_trainable_filter(self, epoch: int) -> None:

@@ -34,3 +34,24 @@ class ConfigError(LtsearchError, ValueError):
 
 class DataError(LtsearchError):
     """A dataset cannot be read or built (missing files, malformed lists, offline download)."""
+
+
+class TrainingDiverged(LtsearchError):
+    """A loss term became nan or inf: the run stops at once (exit code 3), the last good checkpoint stays.
+
+    `epoch` and `step` are 0-indexed (`step` counts within the epoch); messages number epochs from 1,
+    as progress lines do. `terms` maps each offending loss term to the value it first took.
+    """
+
+    exit_code = 3
+
+    def __init__(self, epoch: int, epochs: int, step: int, steps_per_epoch: int, terms: dict[str, float], note: str | None = None):
+        self.epoch, self.epochs, self.step, self.steps_per_epoch, self.terms = epoch, epochs, step, steps_per_epoch, terms
+        named = ", ".join(f"{name} = {value}" for name, value in terms.items())
+        message = (f"training diverged in epoch {epoch + 1}/{epochs}, step {step + 1}/{steps_per_epoch}: "
+                   f"non-finite loss term(s) {named}; nothing after the last finished epoch is kept")
+        super().__init__(message + (f"; {note}." if note else "."))
+
+    def with_note(self, note: str) -> "TrainingDiverged":
+        """The same error, saying where the last good checkpoint is (the engine does not know the run directory)."""
+        return TrainingDiverged(self.epoch, self.epochs, self.step, self.steps_per_epoch, self.terms, note)

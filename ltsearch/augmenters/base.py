@@ -101,6 +101,61 @@ class TrainState:
         return self.step / max(1, self.total_steps)
 
 
+class DiagnosticMeter:
+    """Per-epoch diagnostics of an augmenter, accumulated on the device and read once per epoch.
+
+    A method calls `add` (running sum: samples generated, attempts, accepted), `mean` (e.g. mean ω),
+    `low`/`high` (min/max) from its step; values stay device tensors, so recording costs no host
+    sync. `collect()` reads them all back in one transfer at the end of the epoch and resets; a
+    name that was never recorded this epoch is simply absent (an idle method reports nothing).
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, torch.Tensor] = {}
+        self._lows: dict[str, torch.Tensor] = {}
+        self._highs: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _value(value: torch.Tensor | float) -> torch.Tensor:
+        return value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        """Sum `value` (a scalar, or the sum of a tensor) into `name` over the epoch."""
+        value = self._value(value).sum()
+        self._sums[name] = self._sums[name] + value if name in self._sums else value
+
+    def mean(self, name: str, values: torch.Tensor) -> None:
+        """Average of every element of `values` recorded under `name` this epoch (empty tensors count nothing)."""
+        values = self._value(values).reshape(-1)
+        self.add(name, values.sum())
+        count = torch.tensor(float(values.numel()), device=values.device)
+        self._counts[name] = self._counts[name] + count if name in self._counts else count
+        if values.numel():
+            self.low(f"{name}_min", values.min())
+            self.high(f"{name}_max", values.max())
+
+    def low(self, name: str, value: torch.Tensor | float) -> None:
+        value = self._value(value).min()
+        self._lows[name] = torch.minimum(self._lows[name], value) if name in self._lows else value
+
+    def high(self, name: str, value: torch.Tensor | float) -> None:
+        value = self._value(value).max()
+        self._highs[name] = torch.maximum(self._highs[name], value) if name in self._highs else value
+
+    def collect(self) -> dict[str, float]:
+        """Everything recorded since the last call, as floats (one host transfer), then reset."""
+        names = list(self._sums) + list(self._lows) + list(self._highs)
+        if not names:
+            return {}
+        values = [self._sums[n] / self._counts[n].clamp_min(1) if n in self._counts else self._sums[n] for n in self._sums]
+        values += list(self._lows.values()) + list(self._highs.values())
+        device = values[0].device
+        numbers = torch.stack([v.to(device) for v in values]).cpu().tolist()
+        self.__init__()
+        return dict(zip(names, numbers))
+
+
 @dataclass
 class AugmentOutput:
     """What an augmenter returns: features (maybe extended), labels, optional weights, named raw loss terms."""
@@ -129,8 +184,10 @@ class Augmenter(nn.Module):
     method needs this epoch), `loss_weights` and the epoch hooks.
     """
 
-    #: boundaries the method can sit at, as a predicate on (k, number_of_boundaries); default: any but the input
+    #: True for methods that work on images (boundary 0 only); the others sit at any later boundary
     input_only: ClassVar[bool] = False
+    #: diagnostics shown on `ltsearch train`'s progress line (all of them go to history and sweep results)
+    progress_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, context: AugmenterContext):
         super().__init__()
@@ -140,6 +197,7 @@ class Augmenter(nn.Module):
         self.num_classes = context.num_classes
         self.register_buffer("class_counts", context.class_counts.clone().long(), persistent=False)
         self.register_buffer("head_mask", context.head_mask.clone().bool(), persistent=False)
+        self.diagnostics = DiagnosticMeter()
 
     # ------------------------------------------------------------------ what the engine calls
     def active(self, epoch: int) -> bool:
@@ -166,6 +224,14 @@ class Augmenter(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first step of every training epoch (e.g. to freeze a module after T_th)."""
+
+    def epoch_diagnostics(self) -> dict[str, float]:
+        """What the method did this epoch (samples generated, accepted, weights...), read once at its end.
+
+        Default: everything recorded through `self.diagnostics`. Override to add derived values (rates,
+        chance levels) on top of `super().epoch_diagnostics()`. The engine stores them as `aug/<name>`.
+        """
+        return self.diagnostics.collect()
 
     def eval_transform(self, feats: torch.Tensor) -> torch.Tensor:
         """Features at the insertion point at evaluation time. Identity: most methods are training-only.

@@ -1,4 +1,5 @@
-"""`ltsearch` command line: one module per subcommand (torchtune's layout), errors as one line + exit 2."""
+"""`ltsearch` command line: one module per subcommand (torchtune's layout); a user error is one line + exit 2,
+a diverged training run (nan/inf loss) one line + exit 3."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from ltsearch.errors import LtsearchError
+from ltsearch.errors import LtsearchError, TrainingDiverged
 
 SUBCOMMANDS = ("train", "data", "tune", "check")
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except TrainingDiverged as error:
+        print(f"ltsearch {args.command}: error: {error}", file=sys.stderr)
+        return TrainingDiverged.exit_code
     except LtsearchError as error:
         print(f"ltsearch {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 from ltsearch.cli._common import add_overrides
 from ltsearch.config import dump_yaml, load_run_config, read_yaml, build_run_config, apply_overrides
 from ltsearch.engine import CHECKPOINT_FILE, EpochResult, Trainer, summarize
-from ltsearch.errors import ConfigError
+from ltsearch.errors import ConfigError, TrainingDiverged
 from ltsearch.results import write_json, write_table
 
 PROGRESS_KEYS = (("train/loss", "loss", "{:.4f}"), ("train/top1", "train", "{:.1f}"), ("val/top1", "val", "{:.2f}"),
@@ -33,12 +33,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def progress_line(result: EpochResult, epochs: int) -> str:
-    parts = [f"epoch {result.epoch + 1:>3}/{epochs}"]
+def epoch_label(epoch: int, epochs: int) -> str:
+    """Epochs are 0-indexed in data and numbered from 1 in everything printed (progress, summary, errors)."""
+    return f"{epoch + 1:>3}/{epochs}"
+
+
+def progress_line(result: EpochResult, epochs: int, augmenter_keys: tuple[str, ...] = ()) -> str:
+    parts = [f"epoch {epoch_label(result.epoch, epochs)}"]
     for key, label, fmt in PROGRESS_KEYS:
         if key in result.metrics:
             parts.append(f"{label} {fmt.format(result.metrics[key])}")
+    shown = [f"{key} {_short(result.metrics[f'aug/{key}'])}" for key in augmenter_keys if f"aug/{key}" in result.metrics]
+    if shown:
+        parts.append("[" + ", ".join(shown) + "]")
     return "  ".join(parts) + ("  *" if result.is_best else "")
+
+
+def _short(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.3g}"
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
@@ -77,20 +89,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"ltsearch train: {trainer.config.data.name} ({trainer.data.num_classes} classes, {int(trainer.class_counts.sum())} train images), "
           f"{trainer.config.model.name}, loss {trainer.config.loss.name}, augmenter {trainer.config.augmenter.name}, "
           f"device {trainer.device}; writing {out}", flush=True)
+    keys = type(trainer.augmenter).progress_keys
     try:
         for result in trainer.run():
             result.save_checkpoint(out)
             write_table(trainer.history, out / "history.parquet")
             if not args.quiet:
-                print(progress_line(result, epochs), flush=True)
+                print(progress_line(result, epochs, keys), flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {trainer.epoch} epochs; continue with: ltsearch train --resume {out}", file=sys.stderr)
         return 130
+    except TrainingDiverged as error:
+        kept = f"the last good checkpoint (after epoch {epoch_label(trainer.epoch - 1, epochs).strip()}) is in {out}" if trainer.epoch else "no epoch finished, so no checkpoint was written"
+        error = error.with_note(kept)
+        (out / "error.txt").write_text(f"{error}\n")
+        raise error from None
     summary = summarize(trainer)
     write_json(summary, out / "metrics.json")
     best = summary["best"]
     shown = "  ".join(f"{key} {_format(best.get(key))}" for key in ("val/top1", "test/top1", "test/bacc", "test/many", "test/medium", "test/few"))
-    print(f"done: best epoch {summary['best_epoch']} by {summary['select_metric']}: {shown}; {out / 'metrics.json'}")
+    best_epoch = "none" if summary["best_epoch"] is None else epoch_label(summary["best_epoch"], epochs).strip()
+    print(f"done: best epoch {best_epoch} by {summary['select_metric']}: {shown}; {out / 'metrics.json'}")
     return 0
 
 
