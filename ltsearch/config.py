@@ -34,13 +34,14 @@ class DataConfig:
     `val_source: test` holds out the first `val_fraction` of each class of the official test split
     (M2m's protocol); `val_source: train` holds it out of the full training pool before the long-tail
     construction, so the val classes stay balanced. Selection never sees test images.
+    `construction` names the paper whose subset is reproduced exactly (ldam, rsg, m2m; see data/longtail.py).
     """
 
     name: str = "digits"
     root: str = "data"
     profile: Literal["exp", "step"] = "exp"
     imbalance: float = 10.0
-    construction: Literal["ldam", "first"] = "ldam"
+    construction: Literal["ldam", "rsg", "m2m"] = "ldam"
     seed: int = 0
     val_source: Literal["test", "train"] = "test"
     val_fraction: float = 0.1
@@ -62,6 +63,9 @@ class DataConfig:
         check.number(f"{where}.val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
         check.number(f"{where}.seed", self.seed, low=0)
         check.number(f"{where}.workers", self.workers, low=0)
+        if self.construction == "m2m" and self.profile != "exp":
+            raise ConfigError(f"{where}.construction", self.construction, f"'ldam' or 'rsg' with profile '{self.profile}' (M2m's code builds only the exp profile)",
+                              hint=f"Set {where}.profile=exp, or choose another construction.")
         for key in ("max_train_per_class", "max_eval_per_class", "image_size"):
             value = getattr(self, key)
             if value is not None:

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from ltsearch.config import DataConfig
+from ltsearch.config import DataConfig, build_run_config
 from ltsearch.data import LongTailData, Split, build_dataset
-from ltsearch.data.longtail import exp_counts, first_indices, ldam_indices, step_counts
+from ltsearch.data.longtail import exp_counts, first_indices, ldam_indices, m2m_exp_counts, step_counts
 from ltsearch.data.splits import cap_per_class, ceil_fraction, rank_within_class, take_first_per_class
 from ltsearch.errors import ConfigError
 
@@ -28,6 +28,18 @@ def test_exp_profile_follows_the_closed_form():
     assert counts[0] == 500 and counts[-1] == 10
     assert counts == [int(500 * (1 / 50) ** (i / 99)) for i in range(100)]
     assert all(a >= b for a, b in zip(counts, counts[1:]))
+
+
+def test_m2m_counts_follow_its_own_closed_form_and_differ_from_ldam_by_rounding():
+    """M2m: μ = (1/ρ)^(1/(C-1)), n_i = int(n_max·μ^i). CIFAR-100 ρ=100: 10,846, one fewer than LDAM's 10,847."""
+    assert sum(m2m_exp_counts(500, 100, 100.0)) == 10_846 and sum(exp_counts(500, 100, 100.0)) == 10_847
+    assert sum(m2m_exp_counts(5000, 10, 50.0)) == 13_995 and sum(exp_counts(5000, 10, 50.0)) == 13_996
+    assert m2m_exp_counts(5000, 10, 50.0)[-1] == 99 and exp_counts(5000, 10, 50.0)[-1] == 100
+
+
+def test_m2m_construction_refuses_the_step_profile():
+    with pytest.raises(ConfigError, match="data.construction"):
+        build_run_config({"data": {"construction": "m2m", "profile": "step"}})
 
 
 def test_step_profile_halves_the_classes():

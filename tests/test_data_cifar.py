@@ -1,4 +1,4 @@
-"""The real CIFAR-10 files: LDAM-DRW's reference counts, `ldam` vs `first`, seed purity, val/test protocol."""
+"""The real CIFAR-10 files: each paper's construction (ldam, rsg, m2m) on image ids, seed purity, val/test protocol."""
 
 from __future__ import annotations
 
@@ -50,13 +50,29 @@ def test_ldam_construction_gives_the_reference_counts(source, cifar_config):
     assert len(ids(data.train)) == 12_406
 
 
-def test_ldam_and_first_pick_different_images_with_the_same_counts(source, cifar_config):
+def first_in_file_order(source: SourceData, counts: list[int]) -> list[int]:
+    """Ids of the first n_c training images of each class in file order (data_batch_1..5), class by class."""
+    return [i for c, n in enumerate(counts) for i in torch.nonzero(source.train.labels == c).squeeze(1)[:n].tolist()]
+
+
+def test_rsg_keeps_ldam_counts_but_the_first_images_in_file_order(source, cifar_config):
     ldam = build(source, cifar_config, construction="ldam")
-    first = build(source, cifar_config, construction="first")
-    assert first.class_counts.tolist() == REFERENCE_COUNTS
-    assert ids(ldam.train) != ids(first.train)
-    trucks = first.train.ids[first.train.labels == 9]  # `first`: the first 50 trucks in file order
-    assert trucks.tolist() == torch.nonzero(source.train.labels == 9).squeeze(1)[:50].tolist()
+    rsg = build(source, cifar_config, construction="rsg")
+    assert rsg.class_counts.tolist() == REFERENCE_COUNTS
+    assert ids(ldam.train) != ids(rsg.train)
+    assert sorted(rsg.train.ids.tolist()) == sorted(first_in_file_order(source, REFERENCE_COUNTS))
+    assert rsg.construction["seed"] is None  # nothing random: the seed does not pick images
+
+
+@pytest.mark.parametrize("imbalance, m2m_total, ldam_total", [(50.0, 13_995, 13_996), (100.0, 12_406, 12_406), (10.0, 20_431, 20_431)])
+def test_m2m_construction_uses_its_own_count_formula_and_file_order(source, cifar_config, imbalance, m2m_total, ldam_total):
+    """M2m's n_i = int(n_max·μ^i): one image fewer in the last class than LDAM's formula at ρ = 50."""
+    m2m = build(source, cifar_config, construction="m2m", imbalance=imbalance)
+    ldam = build(source, cifar_config, construction="ldam", imbalance=imbalance)
+    assert (len(m2m.train), len(ldam.train)) == (m2m_total, ldam_total)
+    assert sorted(m2m.train.ids.tolist()) == sorted(first_in_file_order(source, m2m.class_counts.tolist()))
+    if imbalance == 50.0:
+        assert m2m.class_counts.tolist()[-1] == 99 and ldam.class_counts.tolist()[-1] == 100
 
 
 def test_ldam_construction_is_a_pure_function_of_the_seed(source, cifar_config):

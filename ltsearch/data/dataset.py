@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ltsearch.config import DataConfig
-from ltsearch.data.longtail import CONSTRUCTIONS, PROFILES
+from ltsearch.data.longtail import CONSTRUCTIONS, construct
 from ltsearch.data.splits import Split, cap_per_class, ceil_fraction, take_first_per_class
 from ltsearch.errors import ConfigError, DataError
 from ltsearch.registry import DATASETS
@@ -175,8 +175,8 @@ def _make_long_tail(pool: Split, source: SourceData, cfg: DataConfig, num_classe
     if img_max == 0:
         missing = torch.nonzero(pool_counts == 0).squeeze(1).tolist()
         raise DataError(f"data source '{cfg.name}': classes {missing} have no training images left to build a long tail from")
-    counts = PROFILES[cfg.profile](img_max, num_classes, cfg.imbalance)
-    indices = CONSTRUCTIONS[cfg.construction](pool.labels, counts, cfg.seed)
+    indices, counts = construct(pool.labels, img_max, num_classes, cfg.profile, cfg.imbalance, cfg.construction, cfg.seed)
+    seeded = CONSTRUCTIONS[cfg.construction].seeded
     record = {"profile": cfg.profile, "imbalance": cfg.imbalance, "construction": cfg.construction,
-              "seed": cfg.seed if cfg.construction == "ldam" else None, "img_max": img_max, "target_counts": counts}
+              "seed": cfg.seed if seeded else None, "img_max": img_max, "target_counts": counts}
     return pool.subset(indices), record
