@@ -352,7 +352,7 @@ class Trainer:
             k = self.augmenter.insert_at
             with self._autocast():
                 logits = self.model.forward_from(k, self.augmenter.eval_transform(self.model.forward_until(k, x)))
-                preds.append(logits.argmax(1))
+                preds.append(self.loss_fn.eval_logits(logits.float()).argmax(1))
             labels.append(y)
         if not preds:
             return {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,18 @@ class LdamConfig:
 
 @dataclass
 class LogitAdjustConfig:
-    """Logit-adjusted loss (Menon et al. 2021, Eq. 10): τ scales the log prior; τ = 1 is the paper's default."""
+    """Logit adjustment (Menon et al. 2021): τ scales the log prior π; τ = 1 is the paper's default.
+
+    `mode: posthoc` (Eq. 9, the mode the authors' code runs by default) trains with plain CE and predicts
+    argmax_y z_y − τ·log π_y; `mode: loss` (Eq. 10) trains with CE(z + τ·log π) and predicts argmax z.
+    """
 
     tau: float = 1.0
+    mode: Literal["posthoc", "loss"] = "posthoc"
 
     def validate(self, where: str) -> None:
         check.number(f"{where}.tau", self.tau, low=0.0)
+        check.choice(f"{where}.mode", self.mode, ("posthoc", "loss"))
 
 
 # ----------------------------------------------------------------------------------------- base
@@ -90,6 +96,10 @@ class ClassificationLoss(nn.Module, abc.ABC):
             raise ValueError(f"expected logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}")
         per_sample = self.per_sample_loss(logits.float(), targets)
         return weighted_mean(per_sample, targets, sample_weights=sample_weights, class_weights=class_weights)
+
+    def eval_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits that evaluation takes the argmax of; the raw ones except for post-hoc corrections."""
+        return logits
 
 
 def weighted_mean(per_sample: torch.Tensor, targets: torch.Tensor, *,
@@ -189,15 +199,26 @@ class BalancedSoftmaxLoss(_ShiftedLogitsLoss):
 
 @LOSSES.register("logit_adjust", config=LogitAdjustConfig)
 class LogitAdjustedLoss(_ShiftedLogitsLoss):
-    """Logit-adjusted CE (Menon et al. 2021, Eq. 10): CE(z + τ·log π_c) with π = n / Σn.
+    """Logit adjustment (Menon et al. 2021) with π = n / Σn, as a loss (Eq. 10) or post hoc (Eq. 9).
 
-    The reference adds 1e-12 inside log(π^τ) to guard π_c = 0; we refuse empty classes instead and take
-    τ·log π_c exactly, so τ = 0 is plain CE and τ = 1 equals `balanced_softmax`.
+    Loss mode: CE(z + τ·log π_c); τ = 0 is plain CE and τ = 1 equals `balanced_softmax`. Post-hoc mode:
+    plain CE in training, and evaluation ranks z − τ·log π_c. The reference adds 1e-12 inside log(π^τ)
+    to guard π_c = 0; we refuse empty classes instead and take τ·log π_c exactly.
     """
 
     def logit_offset(self, params: LogitAdjustConfig) -> torch.Tensor:
         counts = _positive_counts(self.class_counts, "loss logit_adjust")
         return params.tau * (counts / counts.sum()).log()
+
+    def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.params.mode == "posthoc":
+            return F.cross_entropy(logits, targets, reduction="none")
+        return super().per_sample_loss(logits, targets)
+
+    def eval_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.params.mode == "posthoc":
+            return logits - self.offset.to(logits.device)
+        return logits
 
 
 def create_loss(loss_cfg: LossConfig, class_counts: torch.Tensor | list[int]) -> ClassificationLoss:

@@ -146,18 +146,32 @@ def test_balanced_softmax_is_cross_entropy_on_logits_plus_log_counts():
 
 
 def test_logit_adjustment_with_tau_zero_is_cross_entropy():
-    assert evaluate(make_loss("logit_adjust", tau=0.0)) == pytest.approx(evaluate(make_loss("ce")), rel=1e-6)
+    assert evaluate(make_loss("logit_adjust", tau=0.0, mode="loss")) == pytest.approx(evaluate(make_loss("ce")), rel=1e-6)
 
 
 def test_logit_adjustment_with_tau_half_uses_the_log_prior():
     total = sum(COUNTS)
     shifted = [[z + 0.5 * math.log(n / total) for z, n in zip(row, COUNTS)] for row in LOGITS]
     expected = (softmax_ce(shifted[0], 2) + softmax_ce(shifted[1], 0)) / 2
-    assert evaluate(make_loss("logit_adjust", tau=0.5)) == pytest.approx(expected, rel=1e-6)
+    assert evaluate(make_loss("logit_adjust", tau=0.5, mode="loss")) == pytest.approx(expected, rel=1e-6)
 
 
-def test_logit_adjustment_default_tau_one_equals_balanced_softmax():
-    assert evaluate(make_loss("logit_adjust")) == pytest.approx(evaluate(make_loss("balanced_softmax")), rel=1e-6)
+def test_logit_adjustment_loss_mode_with_tau_one_equals_balanced_softmax():
+    assert evaluate(make_loss("logit_adjust", mode="loss")) == pytest.approx(evaluate(make_loss("balanced_softmax")), rel=1e-6)
+    assert torch.equal(make_loss("logit_adjust", mode="loss").eval_logits(torch.tensor(LOGITS)), torch.tensor(LOGITS))
+
+
+def test_posthoc_logit_adjustment_trains_with_ce_and_ranks_z_minus_tau_log_prior():
+    """Eq. 9 of Menon et al.: the default mode changes the prediction, not the training loss."""
+    loss = make_loss("logit_adjust", tau=0.5)
+    assert loss.params.mode == "posthoc"
+    assert evaluate(loss) == pytest.approx(evaluate(make_loss("ce")), rel=1e-6)
+    total = sum(COUNTS)
+    expected = [[z - 0.5 * math.log(n / total) for z, n in zip(row, COUNTS)] for row in LOGITS]
+    torch.testing.assert_close(loss.eval_logits(torch.tensor(LOGITS)), torch.tensor(expected))
+    # A head-class favourite flips to the rare class once the prior is divided out.
+    row = torch.tensor([[2.0, 0.0, 0.5]])
+    assert row.argmax(1).item() == 0 and make_loss("logit_adjust").eval_logits(row).argmax(1).item() == 2
 
 
 # ------------------------------------------------------------------------ registry and config
@@ -165,11 +179,12 @@ def test_every_loss_is_registered_with_its_section():
     assert {"ce", "focal", "ldam", "balanced_softmax", "logit_adjust"} <= set(LOSSES.names())
     assert LOSSES.get("ldam").config is LdamConfig and LOSSES.get("ce").config is None
     assert LdamConfig() == LdamConfig(max_m=0.5, s=30.0)
-    assert LogitAdjustConfig().tau == 1.0
+    assert LogitAdjustConfig() == LogitAdjustConfig(tau=1.0, mode="posthoc")
 
 
 @pytest.mark.parametrize("section, key, value", [
     (LdamConfig, "s", 0.0), (LdamConfig, "max_m", -0.1), (FocalConfig, "gamma", -1.0), (LogitAdjustConfig, "tau", -0.5),
+    (LogitAdjustConfig, "mode", "prior"),
 ])
 def test_section_validation_names_the_dotted_key(section, key, value):
     name = {LdamConfig: "ldam", FocalConfig: "focal", LogitAdjustConfig: "logit_adjust"}[section]
