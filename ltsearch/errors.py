@@ -46,11 +46,15 @@ class TrainingDiverged(LtsearchError):
     exit_code = 3
 
     def __init__(self, epoch: int, epochs: int, step: int, steps_per_epoch: int, terms: dict[str, float], note: str | None = None):
-        self.epoch, self.epochs, self.step, self.steps_per_epoch, self.terms = epoch, epochs, step, steps_per_epoch, terms
+        self.epoch, self.epochs, self.step, self.steps_per_epoch, self.terms, self.note = epoch, epochs, step, steps_per_epoch, terms, note
         named = ", ".join(f"{name} = {value}" for name, value in terms.items())
         message = (f"training diverged in epoch {epoch + 1}/{epochs}, step {step + 1}/{steps_per_epoch}: "
                    f"non-finite loss term(s) {named}; nothing after the last finished epoch is kept")
         super().__init__(message + (f"; {note}." if note else "."))
+
+    def __reduce__(self):
+        """Rebuilt from its fields, so Ray can copy and pickle it from a trial to the driver."""
+        return type(self), (self.epoch, self.epochs, self.step, self.steps_per_epoch, self.terms, self.note)
 
     def with_note(self, note: str) -> "TrainingDiverged":
         """The same error, saying where the last good checkpoint is (the engine does not know the run directory)."""

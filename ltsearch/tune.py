@@ -25,6 +25,7 @@ import copy
 import importlib.util
 import logging
 import math
+import re
 import os
 import sys
 import tempfile
@@ -780,7 +781,7 @@ def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome
     if best is not None:
         config = trial_run_config(plan, best["config"])
         header = (f"# best trial {best['trial_id']} of sweep {directory}\n# {sweep.objective.metric} = {best[f'best/{sweep.objective.metric}']} "
-                  f"at epoch index {best['best_epoch']} ({best['epochs']} epochs run)\n# rerun: ltsearch train {_join(directory, BEST_FILE)}\n")
+                  f"at epoch {best['best_epoch'] + 1}/{best['planned_epochs']} ({best['epochs']} epochs run)\n# rerun: ltsearch train {_join(directory, BEST_FILE)}\n")
         write_text_to(header + dump_yaml(config), _join(directory, BEST_FILE))
     _print_summary(sweep, outcome, stream)
     return outcome
@@ -804,6 +805,15 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def error_reason(error: BaseException | None) -> str | None:
+    """The exception's own line ("TrainingDiverged: training diverged in epoch 3/10, ..."), not Ray's task header."""
+    if error is None:
+        return None
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
 def _trial_row(trial_id: str, result: Any, rows: list[dict[str, Any]], plan: TrialPlan, sweep: Sweep) -> dict[str, Any]:
     config = {k: v for k, v in (result.config or {}).items()}
     epochs = rows[-1][EPOCHS] if rows else 0
@@ -816,7 +826,7 @@ def _trial_row(trial_id: str, result: Any, rows: list[dict[str, Any]], plan: Tri
     metric_keys = [k for k in (rows[-1] if rows else {}) if k not in (EPOCHS, "node_id", "epoch") and not k.startswith("best/")]
     out: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs": epochs, "planned_epochs": planned,
                            "best_epoch": best.get("epoch") if best else None, "node_id": rows[-1].get("node_id") if rows else None,
-                           "error": str(result.error).splitlines()[0][:500] if result.error else None, "config": config}
+                           "error": error_reason(result.error), "config": config}
     out.update({key: config.get(key) for key in sweep.space.keys})
     out.update({f"final/{k}": rows[-1].get(k) for k in metric_keys})
     out.update({f"best/{k}": (best or {}).get(k) for k in metric_keys})
@@ -829,13 +839,16 @@ def _print_summary(sweep: Sweep, outcome: SweepOutcome, stream: Any) -> None:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     metric = sweep.objective.metric
     print(f"done: {len(outcome.trials)} trials (" + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ")", file=stream)
+    for row in outcome.trials:
+        if row["status"] == "error":
+            print(f"  trial {row['trial_id']} failed: {row['error']}", file=stream)
     best = outcome.best
     if best is None:
         print("no trial reported the metric; see the error.txt files under " + outcome.directory, file=stream)
         return
     params = ", ".join(f"{k}={_fmt(best['config'].get(k))}" for k in sweep.space.keys if k in best["config"])
     test = best.get("best/test/top1")
-    print(f"best trial {best['trial_id']}: {metric} {_fmt(best[f'best/{metric}'])} at epoch index {best['best_epoch']}"
+    print(f"best trial {best['trial_id']}: {metric} {_fmt(best[f'best/{metric}'])} at epoch {best['best_epoch'] + 1}/{best['planned_epochs']}"
           f"{f' (test/top1 {_fmt(test)} there)' if test is not None else ''}; {params}", file=stream)
     print(f"wrote {_join(outcome.directory, BEST_FILE)} (rerun: ltsearch train {_join(outcome.directory, BEST_FILE)}), "
           f"{TRIALS_FILE}, {HISTORY_FILE}", file=stream, flush=True)

@@ -274,3 +274,12 @@ def test_shipped_search_file_runs_on_digits(ray_runtime, tmp_path, name):
     assert [t["status"] for t in outcome.trials] == ["completed"] * len(outcome.trials), [t["error"] for t in outcome.trials]
     assert all(t["epochs"] == 2 for t in outcome.trials)
     assert (Path(outcome.directory) / "best.yaml").is_file()
+
+
+def test_a_diverging_trial_ends_as_an_error_with_its_reason_and_the_others_go_on(ray_runtime, tmp_path):
+    outcome, _ = sweep(tmp_path, QUICKSTART, *TINY, "train.epochs=1", "search.sampler=grid", "search.num_samples=1", "max_failures=0",
+                       "optim.schedule.warmup_epochs=0", "space={optim.lr: {grid: [0.05, 1.0e30]}}")
+    by_lr = {t["optim.lr"]: t for t in outcome.trials}
+    assert by_lr[0.05]["status"] == "completed" and by_lr[0.05]["epochs"] == 1
+    assert by_lr[1.0e30]["status"] == "error"
+    assert "training diverged in epoch 1/1" in by_lr[1.0e30]["error"] and "non-finite loss term(s)" in by_lr[1.0e30]["error"]

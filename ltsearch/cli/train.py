@@ -18,7 +18,7 @@ from ltsearch.engine import CHECKPOINT_FILE, EpochResult, Trainer, summarize
 from ltsearch.errors import ConfigError, TrainingDiverged
 from ltsearch.results import write_json, write_table
 
-PROGRESS_KEYS = (("train/loss", "loss", "{:.4f}"), ("train/top1", "train", "{:.1f}"), ("val/top1", "val", "{:.2f}"),
+PROGRESS_KEYS = (("train/loss", "loss", "{:.4f}"), ("train/cls_loss", "cls", "{:.4f}"), ("train/top1", "train", "{:.1f}"), ("val/top1", "val", "{:.2f}"),
                  ("val/bacc", "val-bacc", "{:.2f}"), ("test/top1", "test", "{:.2f}"), ("test/few", "few", "{:.1f}"),
                  ("lr", "lr", "{:.4g}"), ("epoch_seconds", "s", "{:.1f}"), ("images_per_s", "img/s", "{:.0f}"))
 
