@@ -18,19 +18,18 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
+from ltsearch._runtime import capture_rng_state, restore_rng_state, learning_rate, resolve_device, seed_everything
 from ltsearch.augmenters.base import (Augmenter, AugmenterContext, FeatureSpec, TrainState, create_augmenter,
                                       head_class_mask, resolve_head_ratio, resolve_insert_at, resolve_start_epoch)
-from ltsearch.config import RunConfig, ScheduleConfig, build_run_config, to_dict
+from ltsearch.config import RunConfig, build_run_config, to_dict
 from ltsearch.data import LongTailData, build_dataset, create_train_loader, eval_batches
 from ltsearch.divergence import DivergenceGuard
 from ltsearch.errors import ConfigError
@@ -57,54 +56,6 @@ def check_compatible(config: RunConfig) -> None:
     if config.augmenter.name != "none" and start >= config.train.epochs:
         raise ConfigError("augmenter.start_epoch", start, f"an epoch index below train.epochs={config.train.epochs}, otherwise the method never runs",
                           hint="Lower augmenter.start_epoch or raise train.epochs.")
-
-
-# --------------------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", name, "'cpu' or 'auto' (no CUDA device is visible)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def learning_rate(schedule: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
-    """lr for 0-indexed `epoch`: LDAM-DRW warmup (e = epoch+1; base·e/W while e <= W), then step or cosine."""
-    e = epoch + 1
-    if schedule.warmup_epochs and e <= schedule.warmup_epochs:
-        return base_lr * e / schedule.warmup_epochs
-    if schedule.name == "step":
-        factor = 1.0
-        for milestone, value in zip(schedule.milestones, schedule.factors):
-            if epoch >= milestone:
-                factor = value
-        return base_lr * factor
-    if schedule.name == "cosine":
-        span = max(1, epochs - schedule.warmup_epochs)
-        progress = (epoch - schedule.warmup_epochs) / span
-        return base_lr * (schedule.min_factor + (1 - schedule.min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return base_lr
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _feature_spec(model: Backbone, k: int, data: LongTailData) -> FeatureSpec:
@@ -158,11 +109,11 @@ def train_reference_model(config: RunConfig, data: LongTailData, cache_dir: Path
     with open(cache_dir / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_file():
-            saved = _rng_state()  # training g reseeds every RNG; the calling run must not notice
+            saved = capture_rng_state()  # training g reseeds every RNG; the calling run must not notice
             trainer = Trainer(ref_config, data=data, cache_dir=cache_dir)
             for _ in trainer.run():
                 pass
-            _set_rng_state(saved)
+            restore_rng_state(saved)
             tmp = target.with_suffix(".tmp")
             torch.save({"model": trainer.model.state_dict(), "config": to_dict(ref_config)}, tmp)
             tmp.replace(target)
@@ -381,7 +332,7 @@ class Trainer:
             "format": 1, "config": to_dict(self.config), "epoch": self.epoch, "step": self.step,
             "model": self.model.state_dict(), "augmenter": self.augmenter.state_dict(),
             "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-            "rng": _rng_state(), "best": copy.deepcopy(self.best), "history": copy.deepcopy(self.history),
+            "rng": capture_rng_state(), "best": copy.deepcopy(self.best), "history": copy.deepcopy(self.history),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -389,7 +340,7 @@ class Trainer:
         self.augmenter.load_state_dict(state["augmenter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
 

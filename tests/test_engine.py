@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ltsearch.config import load_run_config
-from ltsearch.engine import Trainer, check_compatible, fit, learning_rate, summarize, train_reference_model
+from ltsearch._runtime import learning_rate
+from ltsearch.engine import Trainer, check_compatible, fit, summarize, train_reference_model
 from ltsearch.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
