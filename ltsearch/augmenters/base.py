@@ -129,7 +129,7 @@ class DiagnosticMeter:
         """Average of every element of `values` recorded under `name` this epoch (empty tensors count nothing)."""
         values = self._value(values).reshape(-1)
         self.add(name, values.sum())
-        count = torch.tensor(float(values.numel()), device=values.device)
+        count = torch.full((), float(values.numel()), device=values.device)  # a fill kernel, no host-to-device copy
         self._counts[name] = self._counts[name] + count if name in self._counts else count
         if values.numel():
             self.low(f"{name}_min", values.min())
