@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 from ltsearch.augmenters.base import AugmenterContext, FeatureSpec, TrainState, head_class_mask
-from ltsearch.augmenters.smart import (EPS, Smart, SmartConfig, mixing_weights, positions, semantic_weight,
-                                       transfer_diagonal, transfer_features, transfer_full)
+from ltsearch.augmenters.smart import (EPS, VARIANCE_FLOOR, Smart, SmartConfig, mixing_weights, positions,
+                                       semantic_weight, spread, transfer_diagonal, transfer_features, transfer_full,
+                                       unit_covariance)
 from ltsearch.config import AugmenterConfig, RunConfig, build
 from ltsearch.errors import ConfigError
 from ltsearch.models.base import Backbone, FeatureInfo, Normalize, create_backbone
 from ltsearch.registry import AUGMENTERS, SAMPLERS
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 COUNTS = torch.tensor([40, 30, 6, 3])  # classes 0, 1 are head at γ = 0.5
 LN3 = math.log(3.0)
 
@@ -57,13 +59,14 @@ def test_registered_with_paper_defaults():
     assert entry.obj is Smart and entry.config is SmartConfig
     assert entry.meta["defaults"] == {"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5}
     cfg = build(AugmenterConfig, {"name": "smart", "smart": {}}, "augmenter").smart
-    assert (cfg.tau, cfg.ema, cfg.weights, cfg.source, cfg.selection, cfg.covariance) == \
-           (1.0, "dynamic", True, "both", "online", "full")
+    assert (cfg.tau, cfg.ema, cfg.weights, cfg.source, cfg.selection, cfg.covariance, cfg.scale) == \
+           (1.0, "dynamic", True, "both", "random", "full", "normalized")  # Sec. 3.3: a randomly sampled head
 
 
 @pytest.mark.parametrize("key, value", [("tau", 0.0), ("tau", -1.0), ("momentum", 0.0), ("momentum", 1.5),
                                         ("ema", "slow"), ("source", "mixed"), ("selection", "wordnet"),
-                                        ("covariance", "lowrank"), ("weights", "yes")])
+                                        ("covariance", "lowrank"), ("weights", "yes"),
+                                        ("scale", "unitless")])
 def test_config_rejects_out_of_range(key, value):
     with pytest.raises(ConfigError) as error:
         build(SmartConfig, {key: value}, "augmenter.smart")
@@ -192,9 +195,9 @@ def warm(smart: Smart, seed: int = 0) -> None:
     smart.moments.update(positions(feats), torch.arange(4).repeat(2), None)
 
 
-def test_only_tail_features_change_and_follow_eq6_with_the_updated_moments():
+def test_literal_scale_moves_only_tail_features_by_eq6_with_the_updated_moments():
     torch.manual_seed(0)
-    smart = make_smart(selection="fixed", tau=0.5)
+    smart = make_smart(selection="fixed", tau=0.5, scale="literal")
     warm(smart)
     feats = torch.randn(6, 3, 2, 2).abs()
     labels = torch.tensor([2, 3, 2, 0, 1, 0])
@@ -209,6 +212,77 @@ def test_only_tail_features_change_and_follow_eq6_with_the_updated_moments():
     assert not torch.allclose(out.feats[:3], feats[:3])
     assert torch.equal(out.labels, labels)
     torch.testing.assert_close(out.sample_weights, torch.cat([semantic_weight(sigma_th, False), torch.ones(3)]))
+
+
+def test_normalized_scale_is_eq4_5_on_unit_covariances_coloured_to_the_head_total_variance():
+    torch.manual_seed(0)
+    smart = make_smart(selection="fixed", tau=0.5)
+    warm(smart)
+    feats, labels = torch.randn(6, 3, 2, 2).abs(), torch.tensor([2, 3, 2, 0, 1, 0])
+    out = smart(feats, labels, state())
+    m, tails = smart.moments, labels[:3]
+    heads = smart.fixed_head[tails]
+    cov_t, cov_h = m.cov[tails], m.cov[heads]
+    mean_var_t, mean_var_h = m.variance(tails).mean(1), m.variance(heads).mean(1)
+    sigma_th = transfer_full(cov_t / mean_var_t[:, None, None], cov_h / mean_var_h[:, None, None], 0.5)
+    var_t = torch.maximum(m.variance(tails), VARIANCE_FLOOR * mean_var_t[:, None])
+    z_cov = cov_t / torch.sqrt((var_t + EPS)[:, :, None] * (var_t + EPS)[:, None, :])
+    kappa = torch.sqrt(m.variance(heads).sum(1) / torch.stack([torch.trace(s.T @ r @ s) for s, r in zip(sigma_th, z_cov)]))
+    expected = transfer_features(positions(feats[:3]), m.mean[tails], var_t, sigma_th * kappa[:, None, None])
+    torch.testing.assert_close(positions(out.feats[:3]), expected)
+    assert torch.equal(out.feats[3:], feats[3:])
+    omega = 1 + sigma_th.sum((1, 2)) / 9  # Eq. 11 divided by C, on top of a head sample's weight 1
+    torch.testing.assert_close(out.sample_weights, torch.cat([omega, torch.ones(3)]))
+    assert (omega > 1).all() and (omega < 2).all()
+
+
+def test_normalized_transfer_gives_the_tail_class_the_head_total_variance_and_keeps_its_mean():
+    gen = torch.Generator().manual_seed(4)
+    mix_t, mix_h = torch.randn(3, 3, generator=gen), 3.0 * torch.randn(3, 3, generator=gen)
+    tail_x = (torch.randn(4000, 3, generator=gen) @ mix_t + 5.0).view(1000, 4, 3)  # 1000 images x 4 positions
+    head_x = (torch.randn(4000, 3, generator=gen) @ mix_h).view(1000, 4, 3)
+    smart = make_smart(selection="fixed")
+    smart.fixed_head.fill_(0)
+    smart.moments.update(torch.cat([tail_x, head_x]), torch.tensor([3] * 1000 + [0] * 1000), None)
+    labels = torch.full((1000,), 3)
+    sigma_th = smart.transfer(labels, smart.fixed_head[labels])
+    var_t = smart.whitening_variance(labels)
+    gain = smart.gain(labels, smart.fixed_head[labels], sigma_th, var_t)
+    moved = transfer_features(tail_x, smart.moments.mean[labels], var_t, sigma_th, gain).reshape(-1, 3)
+    mean, cov = batch_stats(moved)
+    torch.testing.assert_close(mean, smart.moments.mean[3], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.trace(cov), torch.trace(smart.moments.cov[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_normalized_scale_is_invariant_to_the_feature_scale_and_literal_is_not():
+    """The divergence's feedback loop: literal ω and displacement grow with s^4 and s^3 when features grow by s."""
+    def step(scale: str, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        smart = make_smart(selection="fixed", scale=scale)
+        gen = torch.Generator().manual_seed(1)
+        smart.moments.update(positions(factor * torch.randn(8, 3, 2, 2, generator=gen).abs()), torch.arange(4).repeat(2), None)
+        feats = factor * torch.randn(4, 3, 2, 2, generator=gen).abs()
+        out = smart(feats, torch.tensor([2, 3, 0, 1]), state())
+        return out.feats[:2] - feats[:2].mean((2, 3), keepdim=True), out.sample_weights[:2]
+
+    (moved_1, omega_1), (moved_10, omega_10) = step("normalized", 1.0), step("normalized", 10.0)
+    torch.testing.assert_close(moved_10, 10 * moved_1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(omega_10, omega_1)
+    (_, literal_1), (_, literal_10) = step("literal", 1.0), step("literal", 10.0)
+    assert (literal_10 > 1e3 * literal_1).all()
+
+
+def test_a_channel_dead_in_the_moments_is_whitened_with_the_floor_not_with_epsilon():
+    smart = make_smart(selection="fixed")
+    warm(smart)
+    smart.moments.cov[2, 1, :] = 0.0
+    smart.moments.cov[2, :, 1] = 0.0  # channel 1 of class 2 never fired so far
+    var = smart.whitening_variance(torch.tensor([2]))
+    mean_var = smart.moments.variance(torch.tensor([2])).mean()
+    torch.testing.assert_close(var[0, 1], VARIANCE_FLOOR * mean_var)
+    feats = torch.randn(2, 3, 2, 2).abs() + 1.0  # ... but fires now
+    out = smart(feats, torch.tensor([2, 0]), state())
+    assert torch.isfinite(out.feats).all() and out.feats.abs().max() < 1e3
 
 
 def test_tail_samples_are_untouched_until_a_head_class_has_been_seen():
@@ -234,7 +308,7 @@ def test_covariance_source_ablation(source):
     head = smart.fixed_head[labels]
     other = make_smart(selection="fixed")
     other.load_state_dict(smart.state_dict())
-    cov = smart.moments.cov[head if source == "head" else labels]
+    cov = unit_covariance(smart.moments.cov[head if source == "head" else labels], diagonal=False)
     torch.testing.assert_close(smart.transfer(labels, head), transfer_full(cov, cov, 1.0))
     assert not torch.allclose(smart.transfer(labels, head), other.transfer(labels, head))
 
@@ -307,10 +381,12 @@ def test_gradient_reaches_earlier_stages_through_eq6():
     (out.feats * upstream).sum().backward()
     assert model.stages[0][1].weight.grad.abs().sum() > 0
     heads = smart.fixed_head[labels[:2]]
-    sigma_th = transfer_full(smart.moments.cov[labels[:2]], smart.moments.cov[heads], 1.0)
-    # d/dF of <F̃, G> = (G·Σ_thᵀ)/sqrt(σ_t² + ε) for tail samples (statistics are constants), G for head samples
-    std = torch.sqrt(smart.moments.variance(labels[:2]) + EPS)
-    expected = (positions(upstream[:2]) @ sigma_th.transpose(1, 2)) / std[:, None]
+    sigma_th = smart.transfer(labels[:2], heads)
+    var_t = smart.whitening_variance(labels[:2])
+    gain = smart.gain(labels[:2], heads, sigma_th, var_t)
+    # d/dF of <F̃, G> = κ·(G·Σ_thᵀ)/sqrt(σ_t² + ε) for tail samples (statistics are constants), G for head samples
+    std = torch.sqrt(var_t + EPS)
+    expected = gain[:, None, None] * (positions(upstream[:2]) @ sigma_th.transpose(1, 2)) / std[:, None]
     torch.testing.assert_close(positions(feats.grad[:2]), expected)
     torch.testing.assert_close(feats.grad[2:], upstream[2:])
     assert not out.sample_weights.requires_grad
@@ -366,3 +442,53 @@ def test_every_resnet32_boundary_including_1x1(k):
     logits = model.forward_from(k, out.feats)
     (logits.log_softmax(1).gather(1, labels[:, None]).squeeze(1) * out.sample_weights).sum().backward()
     assert torch.isfinite(logits).all() and model.stages[0][1].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- diagnostics
+def test_diagnostics_count_transfers_and_average_omega_and_spread_over_transferred_samples_only():
+    torch.manual_seed(0)
+    smart = make_smart()
+    assert smart.epoch_diagnostics() == {}
+    smart(torch.randn(4, 3, 2, 2).abs(), torch.tensor([2, 3, 2, 3]), state())  # no head known yet: none moves
+    smart(torch.randn(4, 3, 2, 2).abs(), torch.tensor([2, 3, 0, 0]), state())  # head 0 now known: both move
+    feats, labels = torch.randn(4, 3, 2, 2).abs(), torch.tensor([2, 3, 1, 0])
+    out = smart(feats, labels, state())
+    values = smart.epoch_diagnostics()
+    assert values["tail_samples"] == 8 and values["transferred"] == 4
+    assert values["transferred_share"] == pytest.approx(0.5)
+    # omega: mean/min/max over the 4 transferred tail samples (2 per moving step), never the head samples' 1
+    assert values["omega"] > 1 and values["omega_min"] > 1 and values["omega_max"] >= values["omega"]
+    mean_t = smart.moments.mean[labels[:2]]
+    ratio = spread(positions(out.feats[:2]), mean_t) / spread(positions(feats[:2]), mean_t)
+    assert values["spread_ratio_min"] <= float(ratio.min()) + 1e-5 and values["spread_ratio_max"] >= float(ratio.max()) - 1e-5
+    assert {"spread_before", "spread_after", "kappa"} <= set(values) and not any(k.endswith("_sum") for k in values)
+    assert smart.epoch_diagnostics() == {}  # reset after each epoch
+
+
+def test_idle_epochs_report_no_diagnostics_and_an_epoch_without_transfers_reports_only_counts():
+    smart = make_smart(start_epoch=2)
+    smart(torch.randn(4, 3, 2, 2), torch.tensor([3, 2, 1, 0]), state(epoch=1))
+    assert smart.epoch_diagnostics() == {}
+    smart = make_smart()
+    smart(torch.randn(2, 3, 2, 2), torch.tensor([3, 2]), state())  # no head class seen yet
+    assert smart.epoch_diagnostics() == {"tail_samples": 2.0, "transferred": 0.0, "transferred_share": 0.0}
+
+
+# ---------------------------------------------------------------------------------- real CIFAR-10
+@pytest.mark.slow
+@pytest.mark.cifar
+def test_cifar10_resnet32_from_scratch_is_finite_and_reports_diagnostics(cifar_root):
+    from ltsearch.config import load_run_config
+    from ltsearch.engine import Trainer
+
+    config = load_run_config(REPO_ROOT / "configs" / "cifar10_lt.yaml", [
+        f"data.root={cifar_root}", "data.max_train_per_class=100", "data.max_eval_per_class=20", "train.epochs=2",
+        "train.threads=1", "augmenter.name=smart", "augmenter.start_epoch=0", "optim.grad_clip=null"])
+    trainer = Trainer(config, cache_dir=Path("/tmp/ltsearch-test-cache"))
+    history = [result.metrics for result in trainer.run()]
+    for metrics in history:
+        assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/cls_loss"])
+        assert metrics["aug/transferred_share"] > 0.9 and metrics["aug/transferred"] > 0
+        assert 1.0 < metrics["aug/omega_min"] <= metrics["aug/omega"] <= metrics["aug/omega_max"] < 2.0
+        assert 0.2 < metrics["aug/spread_ratio"] < 5.0 and math.isfinite(metrics["aug/spread_ratio_max"])
+    assert history[0]["aug/omega"] != history[1]["aug/omega"]  # the moments, and with them ω, move

@@ -15,18 +15,52 @@ Head features pass untouched with ω = 1. Choices the paper leaves open, and how
   of all data. Eq. 3 is implemented as written (features drift during training, so scatter between
   old batch means would be stale anyway). "fixed" uses α = momentum (Table 5's ablation); a class's
   first batch always sets α = 1 so the estimate does not start from zero.
-* Gradients. The statistics are buffers, so Σ_th and ω are constants for back-propagation; Eq. 6 is
-  affine in F, so the loss reaches earlier stages through F̃ = ((F − μ_t)/σ_t)·Σ_th + μ_t.
-* Head choice (Sec. 3.3 and Fig. 4a). "online": each tail sample draws a head class with probability
-  ∝ exp(τ·cos(μ_t, μ_h)), the similarity of running class means (the paper's offline WordNet/Word2Vec
-  ranking needs class names we do not have); "random": uniform over head classes every step;
-  "fixed": one random head per tail class drawn once and checkpointed. Only head classes seen so far
-  are eligible; a tail sample with no eligible head is left untouched (ω = 1).
+* Gradients. The statistics are buffers, so Σ_th, κ and ω are constants for back-propagation; Eq. 6
+  is affine in F, so the loss reaches earlier stages through F̃ = κ·((F − μ_t)/σ_t)·Σ_th + μ_t.
+* Head choice (Sec. 3.3: "we randomly sample a head class k_h for a given tail class k_t").
+  "random" (default): uniform over head classes for every sample and step; "online": a draw with
+  probability ∝ exp(τ·cos(μ_t, μ_h)), the similarity of running class means (Fig. 4a's online
+  scheme; the offline WordNet/Word2Vec ranking needs class names we do not have); "fixed": one
+  random head per tail class drawn once and checkpointed. Only head classes seen so far are
+  eligible; a tail sample with no eligible head is left untouched (ω = 1).
 * Covariance source (Sec. 4.3, "types of transformation matrix"): Σ̃ = Σ_tᵀΣ_h ("both", the paper's
-  method), Σ_hᵀΣ_h ("head") or Σ_tᵀΣ_t ("tail"), so all three keep the units that τ and ω act on.
+  method), Σ_hᵀΣ_h ("head") or Σ_tᵀΣ_t ("tail").
 * "diagonal" keeps only per-channel variances (C×D memory instead of C×D²: 16.8 GB at 1000 classes ×
   2048 channels in full). It is the full method applied to diagonal covariances, zeros included in
   the softmax of Eq. 4, so both agree exactly when the covariances are diagonal.
+
+Scale (`scale`). The literal equations are not unit-consistent: Σ̃ = Σ_tᵀΣ_h is in variance², so
+Eq. 6 maps a whitened z (unitless) to a displacement in variance² and Eq. 11's ω is variance²×C.
+Measured on CIFAR-10-LT (ResNet-32, last 8×8×64 map, 500/class slice): at activation on a trained
+CE network the literal transfer gives the tail class a total variance of 3.7e6 against the head's
+181 (spread ×80–270) and ω ≈ 9–46 (up to 71); the first loss is ~1e3, the gradient into the
+backbone scales with Σ_th, features grow, Σ_th grows with their 4th power, and the loss is inf
+within 3 steps from a random init (nan by step 4) and 1e3–6e3 at lr 0.001 on a trained one.
+Dead channels (σ² ≈ 0, ε = 1e-8) were *not* the trigger there (smallest σ²/mean σ² ≈ 0.02).
+`scale: normalized` (default) keeps every equation's structure and fixes only the units:
+
+* Eq. 4–5 on scale-free covariances Σ̂_k = Σ_k / v̄_k, v̄_k = tr(Σ_k)/C (the mean channel variance),
+  so τ acts on the same range whatever the feature magnitude (Σ̃ entries ≈ −0.1…65 on CIFAR-10:
+  τ = 0.1 leaves Γ near uniform, τ = 1 gives a row entropy of ≈ 1.9 nats of log 64 = 4.2, τ ≥ 10 is
+  nearly one-hot).
+* Eq. 6 as F̃ = κ·z·Σ_th + μ_t with one scalar κ per pair so that tr Cov(F̃) = tr Σ_h under the
+  running moments (Cov(z) = D^{-1/2} Σ_t D^{-1/2}): the tail keeps its mean and takes the head's
+  total variance along Σ_th's directions — Sec. 3.3's "covariance akin to Σ_h" — instead of a
+  variance² one. σ_t² is floored at VARIANCE_FLOOR·v̄_t so a channel that was dead in the running
+  moments but fires now cannot be divided by √ε.
+* Eq. 11 as ω = 1 + (1/C²)·Σ_jk Σ_th[j, k] (Σ_th scale-free): the literal mean row sum, divided by
+  its value for perfectly co-varying channels (C), is a head–tail co-variation in [0, ~1]; on
+  scale-free Σ_th alone it would be < 1 and *shrink* tail samples, against Sec. 3.5's "greater
+  emphasis", so a head sample's weight 1 is the base and co-variation adds to it.
+
+`scale: literal` keeps Eq. 4–6 and 11 exactly as printed (ε only; diverges on CIFAR-10 as above).
+
+Magnitudes with the defaults, measured on CIFAR-10-LT (ResNet-32, 500/class slice, 1,695 tail
+samples per epoch, all transferred). SMART adds no auxiliary loss term; what it changes is ω and
+the spread. Regime (b), CE network activated at lr 0.001: ω mean 1.09 (range 1.03–1.30), spread
+of transferred tail features (RMS distance from μ_t) 0.70 → 0.75, ratio mean 1.08 (0.32–5.3),
+loss 1.88 → 1.64 over 3 epochs. Regime (a), from a random init with CE: ω mean 1.13 → 1.23
+(1.01–1.39), spread 1.63 → 1.87, ratio 1.20–1.38 (0.40–3.5); loss 3.01 → 1.27 in 3 epochs.
 """
 
 from __future__ import annotations
@@ -45,22 +79,26 @@ from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS
 
 EPS = 1e-8  # ε of Eq. 6
+VARIANCE_FLOOR = 1e-3  # normalized scale: σ_t² >= this × the class's mean channel variance in Eq. 6
 FULL_COVARIANCE_LIMIT_BYTES = 2 ** 31  # above this the per-class D×D buffers alone would crowd a GPU trial
+MASKED_MEANS = ("omega", "spread_ratio", "spread_before", "spread_after", "kappa")  # averaged over transferred samples
 
 
 @dataclass
 class SmartConfig:
     """`augmenter.smart`. τ sharpens Γ (Eq. 4: softmax(τ·Σ̃) row-wise, larger τ = sharper) and the online
     head draw; the paper gives no value in its text, so 1 (a plain softmax) is the default to search from.
-    `momentum` is used only with `ema: fixed` (Table 5 tries 0.01, 0.05, 0.1; dynamic wins)."""
+    `momentum` is used only with `ema: fixed` (Table 5 tries 0.01, 0.05, 0.1; dynamic wins). `scale`:
+    "normalized" (unit-consistent Eq. 4–6, 11; see the module docstring) or "literal" (as printed)."""
 
     tau: float = 1.0
     ema: Literal["dynamic", "fixed"] = "dynamic"
     momentum: float = 0.1
     weights: bool = True
     source: Literal["both", "head", "tail"] = "both"
-    selection: Literal["online", "random", "fixed"] = "online"
+    selection: Literal["random", "online", "fixed"] = "random"
     covariance: Literal["full", "diagonal"] = "full"
+    scale: Literal["normalized", "literal"] = "normalized"
 
     def validate(self, where: str) -> None:
         check.number(f"{where}.tau", self.tau, low=0.0, low_open=True, what="the softmax sharpness of Eq. 4")
@@ -69,6 +107,22 @@ class SmartConfig:
 
 
 # ------------------------------------------------------------------------------------ closed forms
+def _per_matrix(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast one value per matrix (or per variance vector) over `like`'s trailing dimensions."""
+    return values.view(*values.shape, *([1] * (like.dim() - values.dim())))
+
+
+def channel_variances(cov: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """σ² = diag(Σ), (..., D)."""
+    return cov if diagonal else cov.diagonal(dim1=-2, dim2=-1)
+
+
+def unit_covariance(cov: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """Σ̂ = Σ / v̄ with v̄ = tr(Σ)/C: the covariance's shape without its scale (mean channel variance 1)."""
+    mean_var = channel_variances(cov, diagonal).mean(-1).clamp_min(torch.finfo(cov.dtype).tiny)
+    return cov / _per_matrix(mean_var, cov)
+
+
 def mixing_weights(mixed: torch.Tensor, tau: float) -> torch.Tensor:
     """Γ of Eq. 4: a row-wise softmax of τ·Σ̃, so a larger τ concentrates each row on its largest entries."""
     return torch.softmax(tau * mixed, dim=-1)
@@ -93,24 +147,54 @@ def transfer_diagonal(left: torch.Tensor, right: torch.Tensor, tau: float) -> to
 
 
 def semantic_weight(sigma_th: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    """ω of Eq. 11: (1/C)·Σ_j Σ_k Σ_th[j, k], the total head-tail co-variation per channel."""
+    """ω of Eq. 11 as printed: (1/C)·Σ_j Σ_k Σ_th[j, k], the total head-tail co-variation per channel."""
     dims = (-1,) if diagonal else (-2, -1)
     return sigma_th.sum(dims) / sigma_th.shape[-1]
 
 
-def transfer_features(x: torch.Tensor, mean_t: torch.Tensor, var_t: torch.Tensor, sigma_th: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: F̃ = (F − μ_t)/sqrt(σ_t² + ε)·Σ_th + μ_t on positions x (B, P, D); Σ_th is (B, D, D) or (B, D) diagonal.
+def normalized_semantic_weight(sigma_th: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """ω = 1 + (1/C²)·Σ_jk Σ_th[j, k] on scale-free Σ_th (Eq. 11 normalized, see the module docstring)."""
+    return 1.0 + semantic_weight(sigma_th, diagonal) / sigma_th.shape[-1]
+
+
+def colour_gain(sigma_th: torch.Tensor, cov_t: torch.Tensor, var_t: torch.Tensor, cov_h: torch.Tensor,
+                diagonal: bool) -> torch.Tensor:
+    """κ (B,) of the normalized Eq. 6: tr Cov(κ·z·Σ_th) = tr Σ_h, with Cov(z) = D^{-1/2} Σ_t D^{-1/2}, D = σ_t² + ε.
+
+    tr(Σ_thᵀ Cov(z) Σ_th) = Σ_jk Σ_th[j, k]·(Cov(z)·Σ_th)[j, k]; on diagonal moments Σ_j Σ_th[j]²·Cov(z)[j].
+    """
+    std = torch.sqrt(var_t + EPS)
+    if diagonal:
+        spread = (sigma_th.square() * cov_t / std.square()).sum(-1)
+    else:
+        z_cov = cov_t / (std[:, :, None] * std[:, None, :])
+        spread = (sigma_th * (z_cov @ sigma_th)).sum((-2, -1))
+    head_total = channel_variances(cov_h, diagonal).sum(-1)
+    return torch.sqrt(head_total / spread.clamp_min(EPS))
+
+
+def transfer_features(x: torch.Tensor, mean_t: torch.Tensor, var_t: torch.Tensor, sigma_th: torch.Tensor,
+                      gain: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 6: F̃ = (F − μ_t)/sqrt(σ_t² + ε)·Σ_th·κ + μ_t on positions x (B, P, D); Σ_th is (B, D, D) or (B, D)
+    diagonal, κ (B,) or None (= 1, the literal form).
 
     σ_t² = diag(Σ_t) replaces Σ_t^{-1/2}, which the paper avoids as unfriendly to GPUs.
     """
     z = (x - mean_t[:, None]) / torch.sqrt(var_t[:, None] + EPS)
     moved = z @ sigma_th if sigma_th.dim() == 3 else z * sigma_th[:, None]
+    if gain is not None:
+        moved = moved * gain[:, None, None]
     return moved + mean_t[:, None]
 
 
 def positions(feats: torch.Tensor) -> torch.Tensor:
     """(B, D, H, W) -> (B, HW, D): the paper's F ∈ R^{HW×C} per sample."""
     return feats.flatten(2).transpose(1, 2)
+
+
+def spread(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """RMS distance of each sample's positions (B, P, D) from its class mean (B, D): (B,)."""
+    return (x - mean[:, None]).square().mean((1, 2)).sqrt()
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -127,8 +211,7 @@ class ClassMoments(nn.Module):
 
     def variance(self, classes: torch.Tensor) -> torch.Tensor:
         """σ² = diag(Σ) of the given classes (Eq. 6)."""
-        cov = self.cov[classes]
-        return cov if self.diagonal else cov.diagonal(dim1=-2, dim2=-1)
+        return channel_variances(self.cov[classes], self.diagonal)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, labels: torch.Tensor, momentum: float | None) -> None:
@@ -167,7 +250,14 @@ class Smart(Augmenter):
     Batches pair a tail-dominated half with a head-dominated half ('head_tail' sampler). Defaults:
     the last map before pooling (Table 5: the 4th layer of ResNet-32 is best), active from the first
     epoch (Algorithm 1); the head/tail split is not stated, so half the classes are head.
+
+    Diagnostics per epoch: `tail_samples`, `transferred` (counts), `transferred_share`; over transferred
+    samples `omega`, `spread_before`, `spread_after` (RMS distance of a sample's positions from μ_t),
+    `spread_ratio` (after / before, per sample) and, with `scale: normalized`, `kappa` — each mean with
+    `_min`/`_max`.
     """
+
+    progress_keys = ("transferred_share", "omega", "spread_ratio")
 
     def __init__(self, context: AugmenterContext):
         super().__init__(context)
@@ -200,24 +290,46 @@ class Smart(Augmenter):
             x = positions(feats.float())
             self.moments.update(x.detach(), labels, self._momentum)
             heads = self.choose_heads(labels)
-            tail = ~self.head_mask[labels] & self.head_mask[heads] & (self.moments.count[heads] > 0)
+            tail = ~self.head_mask[labels]
+            moved = tail & self.head_mask[heads] & (self.moments.count[heads] > 0)
             sigma_th = self.transfer(labels, heads)
-            moved = transfer_features(x, self.moments.mean[labels], self.moments.variance(labels), sigma_th)
-            x = torch.where(tail[:, None, None], moved, x)
-            weights = None
-            if self.cfg.weights:
-                weights = torch.where(tail, semantic_weight(sigma_th, self.moments.diagonal), 1.0)
+            mean_t, var_t = self.moments.mean[labels], self.whitening_variance(labels)
+            gain = self.gain(labels, heads, sigma_th, var_t)
+            new = transfer_features(x, mean_t, var_t, sigma_th, gain)
+            weights = self.weights(sigma_th, moved) if self.cfg.weights else None
+            self.record(x.detach(), new.detach(), mean_t, tail, moved, weights, gain)
+            x = torch.where(moved[:, None, None], new, x)
         out = x.transpose(1, 2).reshape(feats.shape).to(feats.dtype)
         return AugmentOutput(out, labels, sample_weights=weights)
+
+    def epoch_diagnostics(self) -> dict[str, float]:
+        """Adds `transferred_share` and turns the masked sums into means over the transferred samples."""
+        values = super().epoch_diagnostics()
+        moved = values.get("transferred", 0.0)
+        if "tail_samples" in values:
+            values["transferred_share"] = moved / max(values["tail_samples"], 1.0)
+        for name in MASKED_MEANS:
+            total = values.pop(f"{name}_sum", None)
+            if total is None:
+                continue
+            if moved > 0:
+                values[name] = total / moved
+            else:  # no transferred sample this epoch: the ±inf placeholders are not extremes
+                del values[f"{name}_min"], values[f"{name}_max"]
+        return values
 
     # ------------------------------------------------------------------ pieces of one step
     @property
     def _momentum(self) -> float | None:
         return self.cfg.momentum if self.cfg.ema == "fixed" else None
 
+    @property
+    def _normalized(self) -> bool:
+        return self.cfg.scale == "normalized"
+
     def choose_heads(self, labels: torch.Tensor) -> torch.Tensor:
-        """One head class per sample (meaningful for tail samples): Gumbel-max over τ·cos(μ_y, μ_h)
-        ("online"), over zeros ("random"), or the checkpointed pairing ("fixed"); no host sync."""
+        """One head class per sample (meaningful for tail samples): Gumbel-max over zeros ("random"),
+        over τ·cos(μ_y, μ_h) ("online"), or the checkpointed pairing ("fixed"); no host sync."""
         if self.cfg.selection == "fixed":
             return self.fixed_head[labels]
         eligible = self.head_mask & (self.moments.count > 0)
@@ -231,9 +343,43 @@ class Smart(Augmenter):
         return (scores.masked_fill(~eligible, -math.inf) + gumbel).argmax(1)
 
     def transfer(self, tails: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """Σ_th per sample from the configured covariance source (Eq. 4–5)."""
+        """Σ_th per sample from the configured covariance source (Eq. 4–5), on scale-free Σ̂ when normalized."""
         cov_t, cov_h = self.moments.cov[tails], self.moments.cov[heads]
+        if self._normalized:
+            cov_t, cov_h = unit_covariance(cov_t, self.moments.diagonal), unit_covariance(cov_h, self.moments.diagonal)
         left, right = {"both": (cov_t, cov_h), "head": (cov_h, cov_h), "tail": (cov_t, cov_t)}[self.cfg.source]
         if self.moments.diagonal:
             return transfer_diagonal(left, right, self.cfg.tau)
         return transfer_full(left, right, self.cfg.tau)
+
+    def whitening_variance(self, tails: torch.Tensor) -> torch.Tensor:
+        """σ_t² of Eq. 6, floored at VARIANCE_FLOOR × the class's mean variance when normalized."""
+        var = self.moments.variance(tails)
+        if not self._normalized:
+            return var
+        return torch.maximum(var, VARIANCE_FLOOR * var.mean(-1, keepdim=True))
+
+    def gain(self, tails: torch.Tensor, heads: torch.Tensor, sigma_th: torch.Tensor, var_t: torch.Tensor) -> torch.Tensor | None:
+        """κ of the normalized Eq. 6 (the head's total variance), None for the literal form."""
+        if not self._normalized:
+            return None
+        return colour_gain(sigma_th, self.moments.cov[tails], var_t, self.moments.cov[heads], self.moments.diagonal)
+
+    def weights(self, sigma_th: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        """ω of Eq. 11 for transferred tail samples, 1 for the others."""
+        weight = normalized_semantic_weight if self._normalized else semantic_weight
+        return torch.where(moved, weight(sigma_th, self.moments.diagonal), 1.0)
+
+    def record(self, before: torch.Tensor, after: torch.Tensor, mean_t: torch.Tensor, tail: torch.Tensor,
+               moved: torch.Tensor, weights: torch.Tensor | None, gain: torch.Tensor | None) -> None:
+        """Counts and, over transferred samples only, sums and extremes (masked: no boolean indexing, no host sync)."""
+        self.diagnostics.add("tail_samples", tail.sum())
+        self.diagnostics.add("transferred", moved.sum())
+        spread_before, spread_after = spread(before, mean_t), spread(after, mean_t)
+        values = {"spread_before": spread_before, "spread_after": spread_after,
+                  "spread_ratio": spread_after / spread_before.clamp_min(EPS), "omega": weights, "kappa": gain}
+        for name, value in values.items():
+            if value is not None:
+                self.diagnostics.add(f"{name}_sum", torch.where(moved, value, 0.0))
+                self.diagnostics.low(f"{name}_min", torch.where(moved, value, math.inf))
+                self.diagnostics.high(f"{name}_max", torch.where(moved, value, -math.inf))
