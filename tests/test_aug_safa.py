@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ltsearch.augmenters.base import AugmenterContext, FeatureSpec, TrainState, resolve_insert_at, resolve_start_epoch
-from ltsearch.augmenters.safa import MODE_SEEKING_EPS, Safa, same_class_pairs
+from ltsearch.augmenters.safa import MODE_SEEKING_EPS, Safa, mode_seeking, same_class_pairs
 from ltsearch.config import AugmenterConfig, RunConfig, build
 from ltsearch.errors import ConfigError
 from ltsearch.models.base import Backbone, FeatureInfo, Normalize, num_boundaries
@@ -56,10 +56,12 @@ def test_registered_with_the_papers_defaults():
     assert k == 2
     cfg = make_safa().cfg
     assert (cfg.lambda_recycle, cfg.lambda_ms_tail, cfg.lambda_ms_head, cfg.lambda_contrastive) == (100.0, 1e-2, 1e2, 1e-1)
+    assert (cfg.recycle_distance, cfg.ms_guard, cfg.module_scale) == ("rms", 1.0, "input")
 
 
 @pytest.mark.parametrize("key, value", [("lambda_recycle", -1.0), ("lambda_ms_head", -1e-3),
-                                        ("kernel_size", 2), ("kernel_size", 0), ("hidden_channels", 0)])
+                                        ("kernel_size", 2), ("kernel_size", 0), ("hidden_channels", 0),
+                                        ("recycle_distance", "l1"), ("ms_guard", -0.5), ("module_scale", "unit")])
 def test_config_rejects_out_of_range_values(key, value):
     with pytest.raises(ConfigError) as error:
         build(AugmenterConfig, {"name": "safa", "safa": {key: value}}, "augmenter")
@@ -75,9 +77,12 @@ def test_loss_weights_and_sampler_follow_config_and_phase():
 
 
 # ------------------------------------------------------------------------------- closed-form losses
-def closed_form_safa() -> Safa:
-    """E(x) = 2x, D(concat(Δ, F)) = Δ, G(x) = 3x: every quantity of Eqs. 2-7 is then computable by hand."""
-    safa = make_safa(channels=1, height=1, width=2)
+def closed_form_safa(**safa_cfg) -> Safa:
+    """E(x) = 2x, D(concat(Δ, F)) = Δ, G(x) = 3x: every quantity of Eqs. 2-7 is then computable by hand.
+
+    Literal forms by default (L2 over C x H x W, unguarded Eq. 7, unnormalised module outputs)."""
+    literal = {"recycle_distance": "l2", "ms_guard": 0.0, "module_scale": "free"}
+    safa = make_safa(channels=1, height=1, width=2, **{**literal, **safa_cfg})
     safa.extractor = Fn(lambda x: 2 * x)
     safa.delta_generator = Fn(lambda x: x[:, :1])
     safa.generator = Fn(lambda x: 3 * x)
@@ -112,6 +117,62 @@ def test_recycle_vanishes_when_modules_invert_each_other():
     assert out.aux_losses["recycle_delta"].item() == pytest.approx(0.0, abs=1e-6)
     expected = torch.linalg.vector_norm(2 * (feats[0] - feats[1])).item()
     assert out.aux_losses["recycle_feature"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_rms_distance_is_the_l2_norm_per_feature_value():
+    """recycle_distance 'rms' = Eq. 4-5's norm / sqrt(C·H·W); same hand-made features as above (C·H·W = 2)."""
+    feats = torch.tensor([[3.0, 1.0], [1.0, 1.0], [5.0, 2.0], [4.0, 0.0]]).view(4, 1, 1, 2)
+    aux = closed_form_safa(recycle_distance="rms")(feats, torch.tensor([0, 0, 2, 2]), state()).aux_losses
+    assert aux["recycle_delta"].item() == pytest.approx(math.sqrt(40**2 + 8**2) / math.sqrt(2))
+    assert aux["recycle_feature"].item() == pytest.approx(math.sqrt(140**2 + 26**2) / math.sqrt(2))
+
+
+def test_mode_seeking_guard_floors_the_denominator_by_the_real_distance():
+    real, fake = torch.full((1, 4), 2.0), torch.full((1, 4), 0.5)
+    assert mode_seeking(real, fake, 0.0).item() == pytest.approx(2 / (0.5 + MODE_SEEKING_EPS))  # literal Eq. 7
+    assert mode_seeking(real, fake, 1.0).item() == pytest.approx(2 / (0.5 + 2 + MODE_SEEKING_EPS))
+    # collapsed generated pair: literal ratio ~2e5 with gradient ~-4e10; guarded: 1/ε and gradient -1/(ε^2 r)
+    collapsed = torch.zeros(1, 4, requires_grad=True)
+    guarded = mode_seeking(real, collapsed + 1e-9, 1.0)
+    assert guarded.item() == pytest.approx(1.0, rel=1e-4)
+    (grad,) = torch.autograd.grad(guarded, collapsed)
+    assert grad.abs().sum().item() == pytest.approx(1 / 2, rel=1e-3)  # |d ratio / d mean|fake|| = 1/r
+    far = mode_seeking(real, torch.full((1, 4), 200.0), 1.0).item()
+    assert far == pytest.approx(mode_seeking(real, torch.full((1, 4), 200.0), 0.0).item(), rel=0.011)
+
+
+def test_module_scale_input_gives_outputs_the_rms_of_their_reference_and_scale_invariance():
+    torch.manual_seed(6)
+    feats, labels = 3 * torch.randn(8, 3, 2, 2), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    safa = make_safa()
+    torch.manual_seed(7)
+    out = safa(feats, labels, state())
+    sources = feats[[4, 6, 5, 7]]  # F~ from F_t^i then from F_t^j, for the two tail pairs
+    rms = lambda x: x.flatten(1).square().mean(1).sqrt()  # noqa: E731
+    assert torch.allclose(rms(out.feats[8:].detach()), rms(sources), rtol=1e-5)
+    with torch.no_grad():  # scaling G's and E's last convolutions changes nothing: the runaway direction is gone
+        for module in (safa.generator, safa.extractor):
+            module[-1].weight.mul_(10.0)
+            module[-1].bias.mul_(10.0)
+    torch.manual_seed(7)
+    again = safa(feats, labels, state())
+    assert torch.allclose(again.feats, out.feats, atol=1e-4)
+    for name, term in out.aux_losses.items():
+        assert again.aux_losses[name].item() == pytest.approx(term.item(), rel=1e-4), name
+
+
+def test_diagnostics_count_generated_features_and_show_what_the_modules_do():
+    safa = make_safa()
+    labels = torch.tensor([0, 0, 2, 2, 3, 3, 1, 1, 2, 3, 3])  # 2 tail pairs, 2 head pairs
+    for _ in range(2):
+        safa(torch.randn(11, 3, 2, 2), labels, state())
+    diag = safa.epoch_diagnostics()
+    assert diag["generated"] == 8 and diag["pairs_tail"] == 4 and diag["pairs_head"] == 4
+    assert diag["generated_scale"] == pytest.approx(1.0, rel=1e-4)  # module_scale: input
+    assert 0 <= diag["q_accuracy"] <= 1 and diag["delta_rms"] > 0 and diag["tail_spread"] > 0
+    assert {"recycle_gain", "recycle_gain_min", "recycle_gain_max"} <= set(diag)
+    assert set(Safa.progress_keys) <= set(diag)
+    assert safa.epoch_diagnostics() == {}  # reset after reading; idle epochs report nothing
 
 
 def test_contrastive_is_bce_of_same_class_probability_over_half_the_batch():
@@ -310,3 +371,27 @@ def test_state_dict_round_trip_reproduces_the_step():
     b = fresh(feats, labels, state())
     assert torch.equal(a.feats, b.feats)
     assert all(torch.equal(a.aux_losses[name], b.aux_losses[name]) for name in a.aux_losses)
+
+
+# ---------------------------------------------------------------------------------- real CIFAR-10
+@pytest.mark.slow
+@pytest.mark.cifar
+def test_cifar10_resnet32_from_scratch_is_finite_and_reports_diagnostics(cifar_root):
+    """Paper defaults (λ, boundary, γ), active from step 0 at the warmup lr, no gradient clipping: the
+    literal forms reached inf within ~6 steps here."""
+    from ltsearch.config import load_run_config
+    from ltsearch.engine import Trainer
+
+    config = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt.yaml", [
+        f"data.root={cifar_root}", "data.max_train_per_class=100", "data.max_eval_per_class=20", "train.epochs=2",
+        "train.threads=1", "augmenter.name=safa", "augmenter.start_epoch=0", "optim.grad_clip=null"])
+    trainer = Trainer(config, cache_dir=Path("/tmp/ltsearch-test-cache"))
+    history = [result.metrics for result in trainer.run()]
+    terms = ("recycle_delta", "recycle_feature", "ms_tail", "ms_head", "contrastive")
+    for metrics in history:
+        assert math.isfinite(metrics["train/loss"]) and metrics["train/cls_loss"] < 10
+        assert all(math.isfinite(metrics[f"train/aux/{name}"]) for name in terms)
+        assert metrics["aug/generated"] > 0 and metrics["aug/generated"] == 2 * metrics["aug/pairs_tail"]
+        assert metrics["aug/generated_scale"] == pytest.approx(1.0, rel=1e-3)  # generated features on the real scale
+        assert metrics["aug/delta_rms"] > 0 and metrics["aug/tail_spread"] > 0 and metrics["aug/q_accuracy"] > 0
+    assert all(history[0][f"train/aux/{name}"] != history[1][f"train/aux/{name}"] for name in terms)  # they move

@@ -25,6 +25,26 @@ Reading choices where the paper is silent:
 - Per tail pair {F_t^i, F_t^j} (random head pair as the delta source) the Eq. 7 pair {F~_t^i, F~_t^j}
   is generated, so one feature is appended per real tail sample, labelled with its source's class.
 - C_Δ equals the feature channels, because Eq. 3 adds Δ_t to F_t.
+
+Numerical stabilisation (found on CIFAR-10, ResNet-32, boundary 2 = 16 x 32 x 32 features): with the
+literal forms the run reaches inf within ~6 steps, at lr 0.02 from scratch and at lr 0.001 alike.
+Three causes, three switches (defaults stabilise; the other value is the literal/old behaviour):
+- `recycle_distance: rms` (Eqs. 4-5). ||·||_2 over C x H x W = 16,384 values measures ~60 and ~260 at
+  activation; times λ1 = 100 the gradients on E, D, G are ~1e4, so one SGD step rescales the modules.
+  "rms" divides the norm by sqrt(C·H·W): the same L2 distance, per feature value. "l2" = literal.
+- `ms_guard: 1` (Eq. 7). The ratio divides by the generated pair's distance f, tiny at activation
+  (randomly initialised D, G barely depend on Δ: ratio ~46) and whenever G collapses; d(r/f)/df =
+  -r/f^2 then kicks G (λ3 = 100) into features 1e4 x too large, which the next stage's BatchNorm mixes
+  into the real batch, and the backbone diverges. The guard floors the denominator by the real
+  distance, r / (f + ε·r): same minimiser, equal to Eq. 7 once f >> ε·r, bounded by 1/ε, gradient at
+  most 1/(ε^2 r). `ms_guard: 0` = literal (absolute guard 1e-5).
+- `module_scale: input` (Eqs. 2-3). Nothing fixes the scale of E's, D's and G's outputs, and Eq. 7
+  and L_cls on generated features are both lowered by scaling them up; with λ = 100 at lr >= 0.04
+  (training from scratch; the paper only ever trains at its post-decay lr 0.001) SGD runs the modules'
+  last convolutions away (1e15 within an epoch). Each module's output is rescaled per sample to the RMS
+  of its reference input (Δ to F_h^i - F_h^j, Δ_t to Δ, F~ to F_t^i): directions are learnt, scales
+  are the real features', and the losses become scale-invariant in the last conv's weights, whose
+  effective step then shrinks as they grow. "free" = the paper's unnormalised modules.
 """
 
 from __future__ import annotations
@@ -42,8 +62,10 @@ from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS, SAMPLERS
 
 PAIR_SAMPLER = "same_class_pairs"
-#: keeps Eq. 7's ratio finite when two generated features coincide (MSGAN adds the same guard)
+#: keeps Eq. 7's literal ratio finite when two generated features coincide (MSGAN adds the same guard)
 MODE_SEEKING_EPS = 1e-5
+RECYCLE_DISTANCES = ("rms", "l2")
+MODULE_SCALES = ("input", "free")
 
 
 @dataclass
@@ -52,6 +74,17 @@ class SafaConfig:
 
     The paper does not give the modules' widths or kernels: `hidden_channels` (None = the feature
     channels at the insertion point) and `kernel_size` (3, padded so any H x W, 1 x 1 included, works).
+    `recycle_distance` is the norm of Eqs. 4-5: "rms" = ||·||_2 / sqrt(C·H·W), "l2" = the literal
+    norm over C x H x W. `ms_guard` ε floors Eq. 7's denominator by the real distance, r / (f + ε·r);
+    0 = the literal ratio.
+
+    Typical raw terms at activation (measured on CIFAR-10, ResNet-32, boundary 2, 500/class slice;
+    warm start from a CE baseline at lr 0.001 | from scratch at lr 0.02): recycle_delta ~0.46 | 0.46,
+    recycle_feature ~1.7 | 2.0 (the RMS of a real feature: G starts near 0), ms_tail ~0.7 | 0.8,
+    ms_head ~0.96 | 0.98 (both near the bound 1/ε: generated pairs start almost identical),
+    contrastive ~0.71 (ln 2: Q starts at chance). Weighted: λ1·L_r ~ 200 and λ3·L_ms^h ~ 100 against
+    L_cls ~ 2; they train E, D, G, Q only (real features are read detached), so they do not swamp the
+    backbone's gradient. With the literal forms the same terms read ~60, ~260, ~4 and ~46.
     """
 
     lambda_recycle: float = 100.0
@@ -60,6 +93,9 @@ class SafaConfig:
     lambda_contrastive: float = 1e-1
     hidden_channels: int | None = None
     kernel_size: int = 3
+    recycle_distance: str = "rms"
+    ms_guard: float = 1.0
+    module_scale: str = "input"
 
     def validate(self, where: str) -> None:
         for key in ("lambda_recycle", "lambda_ms_tail", "lambda_ms_head", "lambda_contrastive"):
@@ -69,6 +105,9 @@ class SafaConfig:
         check.integer(f"{where}.kernel_size", self.kernel_size)
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError(f"{where}.kernel_size", self.kernel_size, "an odd integer >= 1 (so 'same' padding keeps H x W)")
+        check.choice(f"{where}.recycle_distance", self.recycle_distance, RECYCLE_DISTANCES)
+        check.choice(f"{where}.module_scale", self.module_scale, MODULE_SCALES)
+        check.number(f"{where}.ms_guard", self.ms_guard, low=0.0, what="the relative floor ε of Eq. 7's denominator; 0 = literal")
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -92,20 +131,32 @@ def conv_bn_relu_conv(in_chans: int, hidden: int, out_chans: int, kernel_size: i
                          nn.ReLU(inplace=True), nn.Conv2d(hidden, out_chans, kernel_size, padding=pad))
 
 
-def euclidean(diff: torch.Tensor) -> torch.Tensor:
-    """Batch mean of the per-sample ||·||_2 over C x H x W (Eqs. 4-5), in float32."""
-    return torch.linalg.vector_norm(diff.float().flatten(1), dim=1).mean()
+def euclidean(diff: torch.Tensor, distance: str = "rms") -> torch.Tensor:
+    """Batch mean of the per-sample ||·||_2 over C x H x W (Eqs. 4-5), in float32; "rms" divides it by sqrt(C·H·W)."""
+    flat = diff.float().flatten(1)
+    norm = torch.linalg.vector_norm(flat, dim=1)
+    return (norm / flat.shape[1] ** 0.5 if distance == "rms" else norm).mean()
 
 
-def mode_seeking(real_diff: torch.Tensor, fake_diff: torch.Tensor) -> torch.Tensor:
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample root mean square over C x H x W, in float32."""
+    return x.float().flatten(1).square().mean(1).sqrt()
+
+
+def mean_abs(diff: torch.Tensor) -> torch.Tensor:
+    """Per-sample ||·||_1 / (C·H·W), the L1 distance of Eq. 7 per feature value, in float32."""
+    return diff.float().flatten(1).abs().mean(1)
+
+
+def mode_seeking(real_diff: torch.Tensor, fake_diff: torch.Tensor, guard: float = 0.0) -> torch.Tensor:
     """Eq. 7: < ||real_i - real_j||_1 / ||fake_i - fake_j||_1 >, minimised to spread the generated pair.
 
-    Both L1 norms are taken per element (mean, as MSGAN does), which leaves the ratio unchanged and keeps
-    the guard ε on the scale of one feature value.
+    Both L1 norms are taken per element (mean, as MSGAN does), which leaves the ratio unchanged. With
+    `guard` ε > 0 the denominator is f + ε·r (see the module docstring): bounded by 1/ε, the same
+    minimiser, and no 1/f^2 kick when the generated pair starts out (or collapses) nearly identical.
     """
-    real = real_diff.float().flatten(1).abs().mean(1)
-    fake = fake_diff.float().flatten(1).abs().mean(1)
-    return (real / (fake + MODE_SEEKING_EPS)).mean()
+    real, fake = mean_abs(real_diff), mean_abs(fake_diff)
+    return (real / (fake + guard * real + MODE_SEEKING_EPS)).mean()
 
 
 # ------------------------------------------------------------------------------------------ sampler
@@ -154,6 +205,8 @@ class Safa(Augmenter):
     (start_fraction 0.795); head-class ratio γ = 0.2.
     """
 
+    progress_keys = ("generated", "generated_scale", "recycle_gain")
+
     def __init__(self, context: AugmenterContext):
         super().__init__(context)
         self.cfg: SafaConfig = context.config.augmenter.safa
@@ -180,10 +233,22 @@ class Safa(Augmenter):
     # ------------------------------------------------------------------ the method
     def translate(self, delta: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """G(D(concat(Δ, F)) + F): Eq. 3, and the feature direction of the recycle (before Eq. 5)."""
-        return self.generator(self.delta_generator(torch.cat([delta, source], 1)) + source)
+        sample_delta = self.rescale(self.delta_generator(torch.cat([delta, source], 1)), delta)
+        return self.rescale(self.generator(sample_delta + source), source)
 
-    def pair_up(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Indices of the batch's tail pairs and, for each, a random head pair; None if either kind is missing.
+    def extract(self, diff: torch.Tensor) -> torch.Tensor:
+        """Δ = E(F^i - F^j), Eq. 2 (and Δ^ of Eq. 4)."""
+        return self.rescale(self.extractor(diff), diff)
+
+    def rescale(self, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """With `module_scale: input`, a module's output takes the per-sample RMS of its reference input."""
+        if self.cfg.module_scale == "free":
+            return out
+        return out * (rms(like) / rms(out).clamp_min(1e-6)).view(-1, 1, 1, 1).to(out.dtype)
+
+    def pair_up(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Indices of the batch's tail pairs, for each a random head pair, and the number of head pairs;
+        None if either kind is missing.
 
         Pair j is (2j, 2j+1) when both share a class. The one host sync of the step is here: how many
         features get appended depends on the labels.
@@ -199,13 +264,13 @@ class Safa(Augmenter):
             return None
         head_pairs = order[unpaired:unpaired + heads]
         tail_pairs = order[unpaired + heads:]
-        return tail_pairs, head_pairs[torch.randint(heads, (tails,), device=labels.device)]
+        return tail_pairs, head_pairs[torch.randint(heads, (tails,), device=labels.device)], heads
 
     def augment(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:
         plan = self.pair_up(labels)
         if plan is None:
             return AugmentOutput(feats, labels)
-        tail_pairs, head_pairs = plan
+        tail_pairs, head_pairs, num_head_pairs = plan
         real = feats.detach()
         tail_i, tail_j = real[2 * tail_pairs], real[2 * tail_pairs + 1]
         head_i, head_j = real[2 * head_pairs], real[2 * head_pairs + 1]
@@ -214,7 +279,7 @@ class Safa(Augmenter):
 
         with_reverse = cfg.lambda_ms_head > 0
         head_diff = head_i - head_j
-        deltas = self.extractor(torch.cat([head_diff, -head_diff]) if with_reverse else head_diff)  # Δ^ij (, Δ^ji), Eq. 2
+        deltas = self.extract(torch.cat([head_diff, -head_diff]) if with_reverse else head_diff)  # Δ^ij (, Δ^ji), Eq. 2
         delta = deltas[:n]
         sources = [tail_i, tail_j] + ([tail_i] if with_reverse else [])
         fakes = self.translate(torch.cat([delta, delta] + ([deltas[n:]] if with_reverse else [])), torch.cat(sources))
@@ -224,25 +289,49 @@ class Safa(Augmenter):
         if cfg.lambda_recycle > 0:
             aux.update(self.recycle(delta, fake_from_i, tail_i, head_i, head_j))
         if cfg.lambda_ms_tail > 0:
-            aux["ms_tail"] = mode_seeking(tail_i - tail_j, fake_from_i - fake_from_j)
+            aux["ms_tail"] = mode_seeking(tail_i - tail_j, fake_from_i - fake_from_j, cfg.ms_guard)
         if with_reverse:
-            aux["ms_head"] = mode_seeking(head_diff, fake_from_i - fakes[2 * n:])
+            aux["ms_head"] = mode_seeking(head_diff, fake_from_i - fakes[2 * n:], cfg.ms_guard)
         generated = torch.cat([fake_from_i, fake_from_j]).to(feats.dtype)
         generated_labels = torch.cat([tail_labels, tail_labels])
         if cfg.lambda_contrastive > 0:
             aux["contrastive"] = self.contrastive(torch.cat([real, generated]), torch.cat([labels, generated_labels]))
+        self.record(tail_i, tail_j, num_head_pairs, delta, generated, fake_from_i - fake_from_j)
         return AugmentOutput(torch.cat([feats, generated]), torch.cat([labels, generated_labels]), aux_losses=aux)
 
     def recycle(self, delta: torch.Tensor, fake: torch.Tensor, tail_i: torch.Tensor, head_i: torch.Tensor,
                 head_j: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_r = L_r^Δ + L_r^F: Δ^ij is re-extracted from the fake tail pair (Eq. 4) and re-applied to F_h^i (Eq. 5)."""
-        delta_hat = self.extractor(fake - tail_i)
+        delta_hat = self.extract(fake - tail_i)
         head_j_hat = self.translate(delta_hat, head_i)
-        return {"recycle_delta": euclidean(delta_hat - delta), "recycle_feature": euclidean(head_j_hat - head_j)}
+        distance = self.cfg.recycle_distance
+        with torch.no_grad():  # how much of F_h^j the cycle explains: 1 - L_r^F / ||F_h^j - F_h^i|| (0 = copying F_h^i)
+            self.diagnostics.mean("recycle_gain", 1 - rms(head_j_hat - head_j) / rms(head_j - head_i).clamp_min(1e-12))
+        return {"recycle_delta": euclidean(delta_hat - delta, distance),
+                "recycle_feature": euclidean(head_j_hat - head_j, distance)}
 
     def contrastive(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Eq. 6: shuffle the batch F_a (real + generated), form s/2 pairs, BCE of β = σ(Q(pair)) vs same-class."""
         order = torch.randperm(feats.shape[0], device=feats.device)[: 2 * (feats.shape[0] // 2)].view(-1, 2)
-        logits = self.contrast(torch.cat([feats[order[:, 0]], feats[order[:, 1]]], 1)).squeeze(1)
+        logits = self.contrast(torch.cat([feats[order[:, 0]], feats[order[:, 1]]], 1)).squeeze(1).float()
         same = (labels[order[:, 0]] == labels[order[:, 1]]).float()
-        return F.binary_cross_entropy_with_logits(logits.float(), same)
+        self.diagnostics.mean("q_accuracy", ((logits > 0).float() == same).float())
+        return F.binary_cross_entropy_with_logits(logits, same)
+
+    @torch.no_grad()
+    def record(self, tail_i: torch.Tensor, tail_j: torch.Tensor, num_head_pairs: int, delta: torch.Tensor,
+               generated: torch.Tensor, fake_diff: torch.Tensor) -> None:
+        """Per-epoch evidence that the modules learn (device tensors only, read once per epoch).
+
+        generated: tail features appended; pairs_tail / pairs_head: tail pairs augmented and head pairs
+        available as delta sources; delta_rms: size of Δ^ij (0 = E collapsed); generated_scale:
+        RMS of generated over real tail features (1 = on the real scale, >> 1 = G blowing up);
+        tail_spread: L1 distance of the generated pair over the real pair's (Eq. 7's inverse ratio).
+        """
+        meter = self.diagnostics
+        meter.add("generated", generated.shape[0])
+        meter.add("pairs_tail", tail_i.shape[0])
+        meter.add("pairs_head", num_head_pairs)
+        meter.mean("delta_rms", rms(delta))
+        meter.mean("generated_scale", rms(generated) / rms(torch.cat([tail_i, tail_j])).mean().clamp_min(1e-12))
+        meter.mean("tail_spread", mean_abs(fake_diff) / mean_abs(tail_i - tail_j).clamp_min(1e-12))
