@@ -14,7 +14,8 @@ from ltsearch.augmenters.base import (AugmenterContext, FeatureSpec, TrainState,
                                       resolve_start_epoch)
 from ltsearch.augmenters.rsg import (Rsg, RsgConfig, mean_of_conv3x3, mv_direction_term, mv_length_term,
                                      num_generated)
-from ltsearch.config import AugmenterConfig, RunConfig, build
+from ltsearch.config import AugmenterConfig, RunConfig, build, load_run_config
+from ltsearch.engine import Trainer
 from ltsearch.errors import ConfigError
 from ltsearch.models.base import Backbone, FeatureInfo, Normalize
 from ltsearch.registry import AUGMENTERS
@@ -110,9 +111,13 @@ def test_num_generated_matches_the_papers_formula(beta, s_freq, s_rare, expected
 
 
 # ------------------------------------------------------------------------------------------- CESC
-def test_center_term_closed_form():
-    """Eq. 5, 1st term: one channel, pixels (1, 3), centres 0 and 2. Σ‖x−c‖² = 10 and 2, γ = (3/4, 1/4) gives 8."""
-    rsg = make_rsg([True, False], channels=1, height=1, width=2, num_centers=2)
+@pytest.mark.parametrize("literal", [True, False])
+def test_center_term_closed_form(literal):
+    """Eq. 5, 1st term: one channel, pixels (1, 3), centres 0 and 2. Σ‖x−c‖² = 10 and 2, γ = (3/4, 1/4) gives 8.
+
+    Without `cesc_literal` each sample's spread around its own mean, (1−2)² + (3−2)² = 2, is left out.
+    """
+    rsg = make_rsg([True, False], channels=1, height=1, width=2, num_centers=2, cesc_literal=literal)
     with torch.no_grad():
         rsg.center_estimation.weight.zero_()
         rsg.center_estimation.bias[1] = torch.tensor([math.log(3.0), 0.0])
@@ -120,13 +125,13 @@ def test_center_term_closed_form():
         rsg.center_estimation.bias[0] = 0.0  # class 0: γ = (1/2, 1/2), centres 0 -> (10 + 10)/2 = 10
     feats = torch.tensor([[[[1.0, 3.0]]], [[[1.0, 3.0]]]])
     out = rsg(feats, torch.tensor([1, 0]), state(0))
-    assert out.aux_losses["cesc_center"].item() == pytest.approx((8.0 + 10.0) / 2)
+    assert out.aux_losses["cesc_center"].item() == pytest.approx((8.0 + 10.0) / 2 - (0.0 if literal else 2.0))
 
 
 def test_center_term_equals_the_direct_sum_over_channels_and_pixels():
     """The pooled decomposition used in the code equals ⟨Σ_i γ_i Σ_{d,j,k}(x − up(C_i))²⟩ on random data."""
     torch.manual_seed(0)
-    rsg = make_rsg([True, False, False], channels=3, height=2, width=5, num_centers=4)
+    rsg = make_rsg([True, False, False], channels=3, height=2, width=5, num_centers=4, cesc_literal=True)
     with torch.no_grad():
         rsg.center_estimation.centers.normal_()
     feats, labels = torch.randn(6, 3, 2, 5), torch.tensor([0, 1, 2, 2, 1, 0])
@@ -135,6 +140,25 @@ def test_center_term_equals_the_direct_sum_over_channels_and_pixels():
     direct = ((feats[:, None] - centers[..., None, None]) ** 2).sum((2, 3, 4))
     expected = (gamma * direct).sum(1).mean()
     assert rsg(feats, labels, state(0)).aux_losses["cesc_center"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_leaving_out_the_spread_changes_no_gradient():
+    """The spread is a constant of the detached maps: both values give the centres and the assignment the same gradients."""
+    feats, labels = torch.randn(6, 3, 2, 5), torch.tensor([0, 1, 2, 2, 1, 0])
+    grads, values = [], []
+    for literal in (True, False):
+        torch.manual_seed(0)
+        rsg = make_rsg([True, False, False], channels=3, height=2, width=5, num_centers=4, cesc_literal=literal)
+        with torch.no_grad():
+            rsg.center_estimation.centers.normal_()
+        term = rsg(feats, labels, state(0)).aux_losses["cesc_center"]
+        term.backward()
+        values.append(term.item())
+        grads.append([p.grad.clone() for p in rsg.center_estimation.parameters()])
+    spread = (feats - feats.mean((2, 3), keepdim=True)).square().sum((1, 2, 3)).mean().item()
+    assert values[0] - values[1] == pytest.approx(spread, rel=1e-5) and spread > 0
+    for literal_grad, fit_grad in zip(*grads):
+        torch.testing.assert_close(literal_grad, fit_grad)
 
 
 def test_contrastive_term_closed_form():
@@ -418,3 +442,26 @@ def test_resnet32_at_the_papers_default_boundary():
     assert out.feats.shape == (6 + num_generated(1.0, 4, 2), 32, 8, 8)
     F.cross_entropy(model.forward_from(boundary, out.feats[6:]), out.labels[6:]).backward()
     assert model.stages[boundary - 1][-1].conv2.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------ real CIFAR-10
+@pytest.mark.slow
+@pytest.mark.cifar
+def test_cifar10_slice_trains_both_phases_and_reports(cifar_root: Path, tmp_path: Path):
+    """ResNet-32 on a tiny CIFAR-10-LT slice, no grad clip: epoch 0 learns centres and the contrastive
+    module (L_CESC), epoch 1 generates (L_MV); every loss finite, the terms move, generation is counted."""
+    repo = Path(__file__).resolve().parents[1]
+    config = load_run_config(repo / "configs" / "cifar10_lt.yaml", [
+        f"data.root={cifar_root}", "data.max_train_per_class=100", "data.max_eval_per_class=20", "train.epochs=2",
+        "train.threads=1", "train.device=cpu", "optim.schedule.warmup_epochs=0", "augmenter.name=rsg",
+        "augmenter.start_epoch=1"])
+    assert config.optim.grad_clip is None
+    first, second = (result.metrics for result in Trainer(config, cache_dir=tmp_path).run())
+    for metrics in (first, second):
+        assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/cls_loss"])
+        assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith("train/aux/"))
+    assert {"train/aux/cesc_center", "train/aux/cesc_contrastive"} <= set(first) and "aug/generated" not in first
+    assert {"train/aux/mv_direction", "train/aux/mv_length", "train/aux/mv_contrastive"} <= set(second) and "train/aux/cesc_contrastive" not in second
+    assert second["train/aux/cesc_center"] != first["train/aux/cesc_center"]
+    assert second["aug/generated"] > 0 and second["aug/generating_share"] > 0
+    assert second["aug/displacement_norm"] > 0 and second["aug/transformed_norm"] > 0

@@ -17,6 +17,29 @@ L_cls + λ1·L_CESC + λ2·L_MV (Eq. 7).
 Gradients follow Algorithm 1. L_CESC reaches only the centres, the assignment and (before T_th)
 the contrastive module. L_MV reaches only T. L_cls on the generated samples reaches T and the
 backbone through the real samples, unless `detach_inputs` is set (the reference code's behaviour).
+
+Scale. Eq. 5 sums over D·H·W and Eq. 6 over H·W, each averaged over samples; the reference code
+does the same, and λ1 = 0.1, λ2 = 0.01 were tuned with these sums, so they stay. No term reaches the
+backbone, and the sums set how fast RSG's own parts learn: a centre's SGD contraction per step is
+about lr·λ1·2·H·W·(share of its class in the batch) ≈ 1.5 at lr 0.1 and 0.015 at lr 0.001 at the
+paper's boundary (16×16), so centres fit within about an epoch even when RSG is switched on over a
+trained network; a per-element mean would make that 8,192× slower. What makes the logged value huge
+is mostly the spread of each map around its own mean (a constant of the detached maps, no
+gradient, ~90% of the literal value once the centres fit); it is left out of `cesc_center`
+(`cesc_literal: true` keeps it). The total loss stays dominated by λ1·L_CESC: read `train/cls_loss`.
+
+Magnitudes measured on CIFAR-10-LT (ρ = 100, slice of ≤ 500 images per class, ResNet-32, boundary
+-2 = 32×16×16, batch 128, no grad clip), first → 12th step after activation:
+- from scratch (lr warm-up from 0.1/5), CE / Balanced Softmax / LDAM-DRW: cesc_center ≈ 24,000 →
+  4,000-16,000 (literal, with the spread: ≈ 49,000 → 34,000), mv_direction ≈ 250 (256 pixels ×
+  1 − cos ≈ 1; 220 after 3 epochs), mv_length ≈ 1,400 → 3,400 (240 after 3 epochs), mv_contrastive ≈
+  0.5-0.8; L_cls 6-16 → 3-14. With λ: 0.1·L_CESC ≈ 400-2,400, 0.01·L_MV ≈ 5-35.
+- over a trained network (10-epoch baseline, lr 0.001, centres from zero): CE cesc_center ≈ 8,700 →
+  6,300, mv_length ≈ 980 → 460; LDAM-DRW (cosine head) cesc_center ≈ 49,000 → 30,000, mv_length ≈
+  2,400 → 900; mv_direction ≈ 250 → 220, mv_contrastive ≈ 0.4-0.75; L_cls 1.6 (CE), 13-14 (LDAM).
+Diagnostics: `generated` (tail samples appended per epoch), `generating_share` (share of batches
+that held both frequent and rare samples), `displacement_norm` and `transformed_norm` (per-pixel
+channel norms of x_fd-freq and of what Eq. 4 adds; Eq. 6 asks T to keep the first).
 """
 
 from __future__ import annotations
@@ -62,6 +85,10 @@ class RsgConfig:
 
     The code's elementwise product Σ_c |â_c·b̂_c − 1| of unit vectors equals C − cos(a, b). Its
     gradient is therefore the cosine's, so it needs no switch.
+
+    `cesc_literal: true` logs Eq. 5's centre term with the spread Σ(x − up(ave x))² of each map
+    around its own mean. That part is a constant of the detached maps: it has no gradient and
+    leaves the optimisation unchanged, but it is most of the value (see the module docstring).
     """
 
     num_centers: int = 15
@@ -80,6 +107,7 @@ class RsgConfig:
     mv_pair: Literal["rare_displacement", "frequent_sample"] = "rare_displacement"
     mv_vectors: Literal["pixel", "flat"] = "pixel"
     detach_inputs: bool = False
+    cesc_literal: bool = False
 
     def validate(self, where: str) -> None:
         check.integer(f"{where}.num_centers", self.num_centers)
@@ -136,15 +164,20 @@ class CenterEstimation(nn.Module):
         """(N, K) assignment logits, from the sample's own class row only (A^l, b^l)."""
         return torch.einsum("nd,nkd->nk", pooled, self.weight[labels]) + self.bias[labels]
 
-    def loss(self, x: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """First term of Eq. 5: ⟨Σ_i γ_i Σ_{d,j,k} (x − up(C_i))²⟩_s.
+    def loss(self, x: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+             with_spread: bool = False) -> torch.Tensor:
+        """First term of Eq. 5: ⟨Σ_i γ_i Σ_{d,j,k} (x − up(C_i))²⟩_s, up to a constant unless `with_spread`.
 
         Σ_{d,j,k}(x − up(c))² = Σ(x − up(ave x))² + H·W·‖ave x − c‖², because the cross term sums to
-        zero. So the (N, K, D, H, W) difference tensor is never built.
+        zero (and Σ_i γ_i = 1). So the (N, K, D, H, W) difference tensor is never built. The spread
+        Σ(x − up(ave x))² depends on the detached maps only: no parameter can change it, it adds
+        nothing to any gradient, and on CIFAR-10 it is ~90% of the literal value once the centres fit.
         """
-        spread = (x - pooled[:, :, None, None]).square().sum((1, 2, 3))
         distance = x.shape[-2] * x.shape[-1] * (pooled[:, None, :] - self.centers[labels]).square().sum(-1)
-        return ((logits.softmax(1) * distance).sum(1) + spread).mean()
+        fit = (logits.softmax(1) * distance).sum(1)
+        if with_spread:
+            fit = fit + (x - pooled[:, :, None, None]).square().sum((1, 2, 3))
+        return fit.mean()
 
 
 class ContrastiveModule(nn.Module):
@@ -200,6 +233,8 @@ class Rsg(Augmenter):
     classes are the head_ratio·C most frequent classes (α = 0.2).
     """
 
+    progress_keys = ("generated", "generating_share", "transformed_norm")
+
     def __init__(self, context: AugmenterContext):
         super().__init__(context)
         self.cfg: RsgConfig = context.config.augmenter.rsg
@@ -239,7 +274,9 @@ class Rsg(Augmenter):
         x, pooled, logits = self._assign(feats, labels)
         aux = self._center_term(x, pooled, labels, logits)
         pairs = self._pairs(labels)
+        self.diagnostics.add("batches", 1)
         if pairs is None:
+            self.diagnostics.add("generated", 0)
             return AugmentOutput(feats, labels, aux_losses=aux)
         freq, rare = pairs
         nearest = self.center_estimation.centers.detach()[labels, logits.argmax(1)][:, :, None, None].to(x.dtype)
@@ -252,9 +289,25 @@ class Rsg(Augmenter):
             transformed = shift if self.cfg.detach_inputs else self.transform(fixed)
             aux.update(self._mv_terms(transformed, fixed, x[freq], x[rare] - nearest[rare]))
         generated = (base + shift).to(feats.dtype)
+        self._record_generation(rare.numel(), displacement, shift)
         return AugmentOutput(torch.cat([feats, generated]), torch.cat([labels, labels[rare]]), aux_losses=aux)
 
+    def epoch_diagnostics(self) -> dict[str, float]:
+        """Adds `generating_share`: the share of active batches that held both frequent and rare samples."""
+        values = super().epoch_diagnostics()
+        if values.get("batches", 0) > 0:
+            values["generating_share"] = values.get("generating_batches", 0.0) / values["batches"]
+        return values
+
     # ------------------------------------------------------------------ pieces
+    def _record_generation(self, count: int, displacement: torch.Tensor, shift: torch.Tensor) -> None:
+        """Generated samples, and the per-pixel channel norms of x_fd-freq (Eq. 3) and of what is added (T of it, Eq. 4)."""
+        self.diagnostics.add("generated", count)
+        self.diagnostics.add("generating_batches", 1)
+        with torch.no_grad():
+            self.diagnostics.mean("displacement_norm", torch.linalg.vector_norm(displacement.float(), dim=1))
+            self.diagnostics.mean("transformed_norm", torch.linalg.vector_norm(shift.float(), dim=1))
+
     def _assign(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Detached maps, their float32 GAP and the Eq. 1 logits. L_CESC never reaches the backbone (Algorithm 1)."""
         x = feats.detach()
@@ -267,7 +320,7 @@ class Rsg(Augmenter):
         if self.loss_weights["cesc_center"] == 0:
             return {}
         with torch.autocast(x.device.type, enabled=False):
-            return {"cesc_center": self.center_estimation.loss(x.float(), pooled, labels, logits)}
+            return {"cesc_center": self.center_estimation.loss(x.float(), pooled, labels, logits, self.cfg.cesc_literal)}
 
     def _pair_term(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Second term of Eq. 5: binary CE of the contrastive module on s/2 random pairs (y = same class)."""
