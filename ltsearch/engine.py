@@ -73,10 +73,16 @@ def _build_model(config: RunConfig, data: LongTailData) -> Backbone:
 
 # ----------------------------------------------------------------------------- reference model g
 def reference_config(config: RunConfig, epochs: int | None) -> RunConfig:
-    """Plain-ERM run on the same data, model and seed: cross-entropy, no re-weighting, no augmenter."""
+    """Plain-ERM run on the same data, model, optimiser and seed: cross-entropy, no re-weighting, no augmenter.
+
+    g is trained from a random initialisation even when the run itself warm-starts (`train.init_from`):
+    M2m's g is an independent ERM classifier, not a copy of the network being trained. A run that
+    continues at a decayed lr should pass `augmenter.m2m.reference_path` (a trained ERM checkpoint) instead.
+    """
     raw = to_dict(config)
     raw["loss"] = {"name": "ce"}
     raw["augmenter"] = {"name": "none"}
+    raw["train"]["init_from"] = None
     if epochs is not None:
         raw["train"]["epochs"] = epochs
     return build_run_config(raw)

@@ -123,3 +123,12 @@ def test_posthoc_logit_adjustment_changes_the_prediction_not_the_network():
     rarest = int(trainer.class_counts.argmin())
     assert metrics["test/top1"] == pytest.approx(100.0 / trainer.data.num_classes, abs=1e-6)
     assert metrics["test/per_class"][rarest] == pytest.approx(100.0)
+
+
+def test_m2m_reference_g_never_inherits_the_runs_warm_start(tmp_path: Path):
+    from ltsearch.engine import reference_config
+
+    Trainer(digits("train.epochs=1")).save_checkpoint(tmp_path)
+    config = digits(f"train.init_from={tmp_path}", "augmenter.name=m2m")
+    reference = reference_config(config, epochs=None)
+    assert reference.train.init_from is None and reference.loss.name == "ce" and reference.augmenter.name == "none"
