@@ -78,13 +78,13 @@ class SafaConfig:
     norm over C x H x W. `ms_guard` ε floors Eq. 7's denominator by the real distance, r / (f + ε·r);
     0 = the literal ratio.
 
-    Typical raw terms at activation (measured on CIFAR-10, ResNet-32, boundary 2, 500/class slice;
-    warm start from a CE baseline at lr 0.001 | from scratch at lr 0.02): recycle_delta ~0.46 | 0.46,
-    recycle_feature ~1.7 | 2.0 (the RMS of a real feature: G starts near 0), ms_tail ~0.7 | 0.8,
-    ms_head ~0.96 | 0.98 (both near the bound 1/ε: generated pairs start almost identical),
-    contrastive ~0.71 (ln 2: Q starts at chance). Weighted: λ1·L_r ~ 200 and λ3·L_ms^h ~ 100 against
-    L_cls ~ 2; they train E, D, G, Q only (real features are read detached), so they do not swamp the
-    backbone's gradient. With the literal forms the same terms read ~60, ~260, ~4 and ~46.
+    Typical raw terms in the first active epoch (epoch means, measured on CIFAR-10, ResNet-32, boundary
+    2, 500/class slice, defaults; warm start from a CE baseline at lr 0.001 | from scratch at the
+    recipe's warm-up lr 0.02): recycle_delta 0.92 | 1.59, recycle_feature 1.96 | 2.64, ms_tail ~0.73,
+    ms_head ~0.59 (bounded by 1/ε; generated pairs start almost identical), contrastive 0.71 | 0.60
+    (ln 2 = Q at chance). Weighted: λ1·L_r ~ 300–400 and λ3·L_ms^h ~ 60 against L_cls ~ 2; they train
+    E, D, G, Q only (real features are read detached), so they do not swamp the backbone's gradient.
+    At activation the literal forms read ~60 and ~260 (the two L_r terms) and ~46 (Eq. 7's ratio).
     """
 
     lambda_recycle: float = 100.0
