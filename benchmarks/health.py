@@ -20,6 +20,8 @@ aborts the table. Each aux term is shown as first epoch -> last epoch (its per-e
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import time
@@ -61,6 +63,7 @@ class HealthOptions:
     regimes: tuple[str, ...] = ("scratch", "warm")
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("LTSEARCH_CACHE", Path.home() / ".cache" / "ltsearch")) / "health")
     device: str = "auto"
+    rows_file: Path | None = None  # JSON lines, one per finished run; runs already there are not run again
 
 
 @dataclass
@@ -131,22 +134,41 @@ def run_one(loss: str, regime: str, method: str, options: HealthOptions, data: A
                      val_top1=history[-1].get("val/top1") if history else None, seconds=time.perf_counter() - start)
 
 
+def _recorded(options: HealthOptions) -> dict[tuple[str, str, str], HealthRow]:
+    """Runs finished by an earlier invocation with the same rows file (a long table survives interruptions)."""
+    if options.rows_file is None or not options.rows_file.is_file():
+        return {}
+    rows = [HealthRow(**{**raw, "aux": {k: tuple(v) for k, v in raw["aux"].items()}})
+            for raw in map(json.loads, options.rows_file.read_text().splitlines())]
+    return {(r.loss, r.regime, r.method): r for r in rows}
+
+
+def _record(options: HealthOptions, row: HealthRow) -> None:
+    if options.rows_file is not None:
+        with open(options.rows_file, "a") as handle:
+            handle.write(json.dumps(dataclasses.asdict(row)) + "\n")
+
+
 def run_health(options: HealthOptions, progress: bool = False) -> list[HealthRow]:
     base = _config("ce", options, [])
     data = build_dataset(base.data)
     baselines = {loss: baseline_checkpoint(loss, options, data) for loss in sorted(set(options.losses) | {"ce"})}
+    done = _recorded(options)
     rows: list[HealthRow] = []
     for loss in options.losses:
         for regime in options.regimes:
-            reference = run_one(loss, regime, "none", options, data, baselines)
-            rows.append(reference)
-            for method in options.methods:
-                row = run_one(loss, regime, method, options, data, baselines)
-                row.baseline_val_top1 = reference.val_top1
+            reference = None
+            for method in ("none", *options.methods):
+                row = done.get((loss, regime, method))
+                if row is None:
+                    row = run_one(loss, regime, method, options, data, baselines)
+                    row.baseline_val_top1 = reference.val_top1 if reference else None
+                    _record(options, row)
+                    if progress:
+                        print(f"{loss:>16} {regime:>7} {method:>6}: finite={row.finite} val={_fmt(row.val_top1)} "
+                              f"({row.seconds:.0f} s) {row.failure or ''}", flush=True)
+                reference = reference or row
                 rows.append(row)
-                if progress:
-                    print(f"{loss:>16} {regime:>7} {method:>6}: finite={row.finite} val={_fmt(row.val_top1)} "
-                          f"({row.seconds:.0f} s) {row.failure or ''}", flush=True)
     return rows
 
 
@@ -189,14 +211,16 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--regimes", default="scratch,warm")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rows", help="JSON-lines file of finished runs: appended to, and runs already in it are skipped")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     options = HealthOptions(data_root=args.data_root, max_train_per_class=args.max_train_per_class, max_eval_per_class=args.max_eval_per_class,
                             epochs=args.epochs, baseline_epochs=args.baseline_epochs, losses=tuple(args.losses.split(",")),
-                            methods=tuple(args.methods.split(",")), regimes=tuple(args.regimes.split(",")), device=args.device)
+                            methods=tuple(args.methods.split(",")), regimes=tuple(args.regimes.split(",")), device=args.device,
+                            rows_file=Path(args.rows) if args.rows else None)
     rows = run_health(options, progress=True)
     command = "python -m benchmarks.health " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("write", "data_root") and v != parser.get_default(k))
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("write", "data_root", "rows") and v != parser.get_default(k))
     publish(render(rows, options, command.strip() + (" --write" if args.write else "")), args.write)
 
 
