@@ -13,6 +13,7 @@ import os
 import signal
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray import tune
@@ -256,7 +257,7 @@ PER_FILE = {
     "smart_tau": ["space.augmenter.insert_at={choice: [1, 3]}"],
     "safa_lambdas": ["space.augmenter.start_epoch={int: [0, 1]}"],
     "rsg": [],
-    "lcreg_latents": [],
+    "lcreg_latents": ["augmenter.lcreg.second_stage_epochs=1"],
     "m2m": [],
     "insertion_layer": ["space.augmenter.name={grid: [safa, lcreg]}", "space.augmenter.insert_at={grid: [2]}"],
 }
@@ -274,6 +275,10 @@ def test_shipped_search_file_runs_on_digits(ray_runtime, tmp_path, name):
     assert [t["status"] for t in outcome.trials] == ["completed"] * len(outcome.trials), [t["error"] for t in outcome.trials]
     assert all(t["epochs"] == 2 for t in outcome.trials)
     assert (Path(outcome.directory) / "best.yaml").is_file()
+    if name != "quickstart":  # every method reports what it did into the sweep's per-epoch results
+        history = pq.read_table(Path(outcome.directory) / "history.parquet").to_pylist()
+        reported = {k for row in history for k, v in row.items() if k.startswith("aug/") and v is not None}
+        assert reported, f"{name}: no aug/ diagnostics in history.parquet"
 
 
 def test_a_diverging_trial_ends_as_an_error_with_its_reason_and_the_others_go_on(ray_runtime, tmp_path):
