@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import io
 import logging
 import math
 import re
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import optuna
+import pandas
 import ray
 import yaml
 from ray import tune
@@ -788,8 +790,14 @@ def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome
 
 
 def _epoch_rows(result: Any) -> list[dict[str, Any]]:
-    """One row per epoch (the last report wins when a restored trial re-ran an epoch)."""
+    """One row per epoch (the last report wins when a restored trial re-ran an epoch).
+
+    Ray reads a trial's reports from its result.json; when that file is missing (seen under PBT, whose
+    exploits restart trials) the same reports are in progress.csv, so a finished trial is never lost.
+    """
     frame = result.metrics_dataframe
+    if frame is None or EPOCHS not in frame:
+        frame = _progress_csv(result.path)
     if frame is None or EPOCHS not in frame:
         return []
     by_epoch: dict[int, dict[str, Any]] = {}
@@ -812,6 +820,17 @@ def error_reason(error: BaseException | None) -> str | None:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
     lines = [line for line in lines if line]
     return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def _progress_csv(trial_path: str) -> Any:
+    """The trial's progress.csv as a DataFrame, or None when it is absent or unreadable."""
+    location = _join(trial_path, "progress.csv")
+    if not location_exists(location):
+        return None
+    try:
+        return pandas.read_csv(io.StringIO(read_text_from(location)))
+    except (ValueError, OSError):
+        return None
 
 
 def _trial_row(trial_id: str, result: Any, rows: list[dict[str, Any]], plan: TrialPlan, sweep: Sweep) -> dict[str, Any]:

@@ -288,3 +288,15 @@ def test_a_diverging_trial_ends_as_an_error_with_its_reason_and_the_others_go_on
     assert by_lr[0.05]["status"] == "completed" and by_lr[0.05]["epochs"] == 1
     assert by_lr[1.0e30]["status"] == "error"
     assert "training diverged in epoch 1/1" in by_lr[1.0e30]["error"] and "non-finite loss term(s)" in by_lr[1.0e30]["error"]
+
+
+def test_trial_rows_fall_back_to_progress_csv_when_result_json_is_missing(tmp_path):
+    """Ray sometimes leaves no result.json (seen under PBT); the reports in progress.csv must not be lost."""
+    from types import SimpleNamespace
+
+    from ltsearch.tune import _epoch_rows
+
+    (tmp_path / "progress.csv").write_text(f"{EPOCHS},val/top1,trial_id,done\n1,40.0,t0,False\n2,55.5,t0,False\n2,56.0,t0,True\n")
+    rows = _epoch_rows(SimpleNamespace(metrics_dataframe=None, path=str(tmp_path)))
+    assert rows == [{EPOCHS: 1, "val/top1": 40.0}, {EPOCHS: 2, "val/top1": 56.0}]
+    assert _epoch_rows(SimpleNamespace(metrics_dataframe=None, path=str(tmp_path / "none"))) == []
