@@ -65,6 +65,15 @@ def test_diagnostic_meter_sums_averages_and_tracks_extremes_then_resets():
     assert meter.collect() == {}
 
 
+def test_diagnostic_meter_masked_means_count_only_the_masked_samples_and_omit_empty_ones():
+    meter = DiagnosticMeter()
+    meter.mean("kept", torch.tensor([0.2, 0.9, 0.5]), where=torch.tensor([False, True, True]))
+    meter.mean("kept", torch.tensor([0.1]), where=torch.tensor([False]))
+    meter.mean("never", torch.tensor([0.3, 0.4]), where=torch.tensor([False, False]))
+    values = meter.collect()
+    assert values == pytest.approx({"kept": 0.7, "kept_min": 0.5, "kept_max": 0.9})
+
+
 # ------------------------------------------------------------------------------------ the engine
 def test_a_diverging_run_raises_instead_of_finishing():
     trainer = Trainer(digits("train.epochs=2", "optim.lr=1.0e30", "optim.schedule.warmup_epochs=0"))

@@ -104,10 +104,12 @@ class TrainState:
 class DiagnosticMeter:
     """Per-epoch diagnostics of an augmenter, accumulated on the device and read once per epoch.
 
-    A method calls `add` (running sum: samples generated, attempts, accepted), `mean` (e.g. mean ω),
-    `low`/`high` (min/max) from its step; values stay device tensors, so recording costs no host
-    sync. `collect()` reads them all back in one transfer at the end of the epoch and resets; a
-    name that was never recorded this epoch is simply absent (an idle method reports nothing).
+    A method calls `add` (running sum: samples generated, attempts, accepted), `mean` (e.g. mean ω,
+    optionally over a mask of the samples it concerns), `low`/`high` (min/max) from its step; values
+    stay device tensors and masks are applied with `torch.where`, so recording costs no host sync.
+    `collect()` reads them all back in one transfer at the end of the epoch and resets; a name that
+    was never recorded this epoch is absent (an idle method reports nothing), and so is a mean over
+    no samples, with its extremes (a mean of nothing is not 0).
     """
 
     def __init__(self) -> None:
@@ -120,40 +122,51 @@ class DiagnosticMeter:
     def _value(value: torch.Tensor | float) -> torch.Tensor:
         return value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
 
+    @staticmethod
+    def _accumulate(store: dict[str, torch.Tensor], name: str, value: torch.Tensor, combine) -> None:
+        store[name] = combine(store[name], value) if name in store else value
+
     def add(self, name: str, value: torch.Tensor | float) -> None:
         """Sum `value` (a scalar, or the sum of a tensor) into `name` over the epoch."""
-        value = self._value(value).sum()
-        self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._accumulate(self._sums, name, self._value(value).sum(), torch.add)
 
-    def mean(self, name: str, values: torch.Tensor) -> None:
-        """Average of every element of `values` recorded under `name` this epoch (empty tensors count nothing)."""
+    def mean(self, name: str, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """Average of the elements of `values` (those where `where` is True) recorded under `name` this epoch,
+        with `<name>_min` and `<name>_max`."""
         values = self._value(values).reshape(-1)
-        self.add(name, values.sum())
-        count = torch.full((), float(values.numel()), device=values.device)  # a fill kernel, no host-to-device copy
-        self._counts[name] = self._counts[name] + count if name in self._counts else count
-        if values.numel():
-            self.low(f"{name}_min", values.min())
-            self.high(f"{name}_max", values.max())
+        mask = torch.ones_like(values, dtype=torch.bool) if where is None else where.reshape(-1).expand_as(values)
+        self.add(name, torch.where(mask, values, 0.0))
+        self._accumulate(self._counts, name, mask.sum().float(), torch.add)
+        if values.numel() == 0:  # nothing to bound; the count stays 0 and collect() leaves the mean out
+            return
+        self.low(f"{name}_min", torch.where(mask, values, math.inf))
+        self.high(f"{name}_max", torch.where(mask, values, -math.inf))
 
     def low(self, name: str, value: torch.Tensor | float) -> None:
-        value = self._value(value).min()
-        self._lows[name] = torch.minimum(self._lows[name], value) if name in self._lows else value
+        self._accumulate(self._lows, name, self._value(value).amin(), torch.minimum)
 
     def high(self, name: str, value: torch.Tensor | float) -> None:
-        value = self._value(value).max()
-        self._highs[name] = torch.maximum(self._highs[name], value) if name in self._highs else value
+        self._accumulate(self._highs, name, self._value(value).amax(), torch.maximum)
 
     def collect(self) -> dict[str, float]:
         """Everything recorded since the last call, as floats (one host transfer), then reset."""
-        names = list(self._sums) + list(self._lows) + list(self._highs)
-        if not names:
+        stores = {"sum": self._sums, "count": self._counts, "low": self._lows, "high": self._highs}
+        keys = [(kind, name) for kind, store in stores.items() for name in store]
+        if not keys:
             return {}
-        values = [self._sums[n] / self._counts[n].clamp_min(1) if n in self._counts else self._sums[n] for n in self._sums]
-        values += list(self._lows.values()) + list(self._highs.values())
-        device = values[0].device
-        numbers = torch.stack([v.to(device) for v in values]).cpu().tolist()
+        device = next(iter(stores[keys[0][0]].values())).device
+        numbers = torch.stack([stores[kind][name].to(device) for kind, name in keys]).cpu().tolist()
+        read = dict(zip(keys, numbers))
         self.__init__()
-        return dict(zip(names, numbers))
+        empty = {name for (kind, name), value in read.items() if kind == "count" and value == 0}
+        empty |= {f"{name}_{end}" for name in empty for end in ("min", "max")}
+        result = {}
+        for (kind, name), value in read.items():
+            if kind == "count" or name in empty:
+                continue
+            count = read.get(("count", name))
+            result[name] = value / count if kind == "sum" and count is not None else value
+        return result
 
 
 @dataclass

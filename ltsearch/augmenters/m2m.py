@@ -260,20 +260,18 @@ class M2m(Augmenter):
         self.diagnostics.add("accepted", keep.sum())
         self.diagnostics.add("g_passed", g_pass.sum())
         self.diagnostics.mean("g_confidence", confidence)
-        self.diagnostics.mean("accepted_confidence", confidence[keep])
+        self.diagnostics.mean("accepted_confidence", confidence, where=keep)
 
     def epoch_diagnostics(self) -> dict[str, float]:
         """Adds `acceptance_rate` = accepted / attempts and `g_pass_rate` = g_passed / attempts.
 
-        `accepted_confidence` is dropped in an epoch that kept nothing: a mean of no samples is not a confidence of 0.
+        In an epoch that kept nothing the meter leaves `accepted_confidence` out: a mean of no samples is not 0.
         """
         values = super().epoch_diagnostics()
         attempts = values.get("attempts", 0.0)
         if attempts > 0:
             values["acceptance_rate"] = values["accepted"] / attempts
             values["g_pass_rate"] = values["g_passed"] / attempts
-        if values.get("accepted", 0.0) == 0:
-            values.pop("accepted_confidence", None)
         return values
 
     def _generate(self, seeds: torch.Tensor, seed_classes: torch.Tensor, targets: torch.Tensor, f: nn.Module) -> torch.Tensor:

@@ -81,7 +81,6 @@ from ltsearch.registry import AUGMENTERS
 EPS = 1e-8  # ε of Eq. 6
 VARIANCE_FLOOR = 1e-3  # normalized scale: σ_t² >= this × the class's mean channel variance in Eq. 6
 FULL_COVARIANCE_LIMIT_BYTES = 2 ** 31  # above this the per-class D×D buffers alone would crowd a GPU trial
-MASKED_MEANS = ("omega", "spread_ratio", "spread_before", "spread_after", "kappa")  # averaged over transferred samples
 
 
 @dataclass
@@ -303,19 +302,10 @@ class Smart(Augmenter):
         return AugmentOutput(out, labels, sample_weights=weights)
 
     def epoch_diagnostics(self) -> dict[str, float]:
-        """Adds `transferred_share` and turns the masked sums into means over the transferred samples."""
+        """Adds `transferred_share` = transferred / tail samples."""
         values = super().epoch_diagnostics()
-        moved = values.get("transferred", 0.0)
         if "tail_samples" in values:
-            values["transferred_share"] = moved / max(values["tail_samples"], 1.0)
-        for name in MASKED_MEANS:
-            total = values.pop(f"{name}_sum", None)
-            if total is None:
-                continue
-            if moved > 0:
-                values[name] = total / moved
-            else:  # no transferred sample this epoch: the ±inf placeholders are not extremes
-                del values[f"{name}_min"], values[f"{name}_max"]
+            values["transferred_share"] = values.get("transferred", 0.0) / max(values["tail_samples"], 1.0)
         return values
 
     # ------------------------------------------------------------------ pieces of one step
@@ -372,7 +362,7 @@ class Smart(Augmenter):
 
     def record(self, before: torch.Tensor, after: torch.Tensor, mean_t: torch.Tensor, tail: torch.Tensor,
                moved: torch.Tensor, weights: torch.Tensor | None, gain: torch.Tensor | None) -> None:
-        """Counts and, over transferred samples only, sums and extremes (masked: no boolean indexing, no host sync)."""
+        """Counts and, over transferred samples only, means and extremes (masked: no boolean indexing, no host sync)."""
         self.diagnostics.add("tail_samples", tail.sum())
         self.diagnostics.add("transferred", moved.sum())
         spread_before, spread_after = spread(before, mean_t), spread(after, mean_t)
@@ -380,6 +370,4 @@ class Smart(Augmenter):
                   "spread_ratio": spread_after / spread_before.clamp_min(EPS), "omega": weights, "kappa": gain}
         for name, value in values.items():
             if value is not None:
-                self.diagnostics.add(f"{name}_sum", torch.where(moved, value, 0.0))
-                self.diagnostics.low(f"{name}_min", torch.where(moved, value, math.inf))
-                self.diagnostics.high(f"{name}_max", torch.where(moved, value, -math.inf))
+                self.diagnostics.mean(name, value, where=moved)
