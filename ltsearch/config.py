@@ -369,17 +369,23 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r} at {key}")
 
 
-def to_dict(config: Any) -> Any:
-    """Plain-data view of a config tree (sections inlined), suitable for YAML, MLflow params and Ray."""
+def to_dict(config: Any, *, active_only: bool = False) -> Any:
+    """Plain-data view of a config tree (sections inlined), suitable for YAML, MLflow params and Ray.
+
+    `active_only` keeps only the section of the selected loss/augmenter (`augmenter.smart` when
+    `augmenter.name` is smart): what a run actually used, as tracking shows it. Without it every
+    registered method's section is kept, so the YAML reruns with any `--set augmenter.name=...`.
+    """
     if dataclasses.is_dataclass(config):
-        out = {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "sections"}
+        out = {f.name: to_dict(getattr(config, f.name), active_only=active_only) for f in dataclasses.fields(config) if f.name != "sections"}
         for name, section in getattr(config, "sections", {}).items():
-            out[name] = to_dict(section)
+            if not active_only or name == getattr(config, "name", None):
+                out[name] = to_dict(section, active_only=active_only)
         return out
     if isinstance(config, (list, tuple)):
-        return [to_dict(v) for v in config]
+        return [to_dict(v, active_only=active_only) for v in config]
     if isinstance(config, dict):
-        return {k: to_dict(v) for k, v in config.items()}
+        return {k: to_dict(v, active_only=active_only) for k, v in config.items()}
     return config
 
 

@@ -8,15 +8,23 @@ epoch, atomically), `history.parquet` (one row per epoch, rewritten each epoch) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from ltsearch.cli._common import add_overrides
-from ltsearch.config import dump_yaml, load_run_config, read_yaml, build_run_config, apply_overrides
+from ltsearch.config import apply_overrides, build_run_config, dump_yaml, read_yaml, to_dict
 from ltsearch.engine import CHECKPOINT_FILE, EpochResult, Trainer, summarize
 from ltsearch.errors import ConfigError, TrainingDiverged
 from ltsearch.results import write_json, write_table
+from ltsearch.tracking import record
+from ltsearch.tracking.record import RunRecorder
+from ltsearch.tracking.settings import SECTION, TrackingConfig, split_tracking
+
+TRACKING_FILE = "tracking.yaml"  # the run's `tracking:` section, so --resume logs to the same place
 
 PROGRESS_KEYS = (("train/loss", "loss", "{:.4f}"), ("train/cls_loss", "cls", "{:.4f}"), ("train/top1", "train", "{:.1f}"), ("val/top1", "val", "{:.2f}"),
                  ("val/bacc", "val-bacc", "{:.2f}"), ("test/top1", "test", "{:.2f}"), ("test/few", "few", "{:.1f}"),
@@ -65,26 +73,71 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def _start(args: argparse.Namespace) -> tuple[Trainer, Path]:
+def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
+    """Validate everything (config, tracking, output directory) before the run directory is written."""
     if args.resume:
         out = Path(args.resume)
         if not (out / CHECKPOINT_FILE).is_file():
             raise ConfigError("--resume", str(out), f"a run directory holding {CHECKPOINT_FILE}")
-        config = build_run_config(apply_overrides(read_yaml(out / "config.yaml"), args.overrides), source=str(out / "config.yaml"))
+        saved = read_yaml(out / TRACKING_FILE) if (out / TRACKING_FILE).is_file() else {}
+        raw, tracking = split_tracking(apply_overrides({**read_yaml(out / "config.yaml"), SECTION: saved}, args.overrides),
+                                       source=str(out / "config.yaml"))
+        config = build_run_config(raw, source=str(out / "config.yaml"))
         trainer = Trainer.restore(out, config=config)
         if args.overrides:
             (out / "config.yaml").write_text(dump_yaml(config))
-        return trainer, out
-    config = load_run_config(args.config, args.overrides)
+        return trainer, out, tracking
+    source = args.config or "--set"
+    raw, tracking = split_tracking(apply_overrides(read_yaml(args.config) if args.config else {}, args.overrides), source=source)
+    config = build_run_config(raw, source=source)
     out = _output_dir(args)
     trainer = Trainer(config)  # checks the config against the backbone before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(config))
-    return trainer, out
+    (out / TRACKING_FILE).write_text(yaml.safe_dump(dataclasses.asdict(tracking), sort_keys=False))
+    return trainer, out, tracking
+
+
+def _open_tracking(trainer: Trainer, out: Path, tracking: TrackingConfig, experiment: str) -> RunRecorder | None:
+    """One MLflow run (kind `train`) for this run directory; a resumed run continues the same MLflow run."""
+    tracker = record.start(tracking, experiment)
+    if tracker is None:
+        return None
+    recorder = RunRecorder(tracker, str(out.resolve()), trainer.config.train.select_metric, "max")
+    recorder.open_parent("train", out.name, to_dict(trainer.config, active_only=True), record.data_tags(trainer.data.construction))
+    recorder.epochs(record.PARENT, trainer.history)
+    return recorder
+
+
+def _close_tracking(recorder: RunRecorder | None, trainer: Trainer, out: Path, status: str, error: str | None = None) -> bool:
+    """Summarise and close the MLflow run; True when everything reached the store."""
+    if recorder is None:
+        return False
+    counts = trainer.class_counts.tolist()
+    rows = [{**row, record.CLASS_COUNTS: counts} for row in trainer.history]
+    files = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.json") if (out / name).is_file()}
+    recorder.summarize(record.PARENT, status, rows, planned_epochs=trainer.config.train.epochs, error=error, title=out.name, files=files)
+    return not record.finish(recorder.tracker)
 
 
 def run(args: argparse.Namespace) -> int:
-    trainer, out = _start(args)
+    trainer, out, tracking = _start(args)
+    experiment = Path(args.config).stem if args.config else "digits"
+    recorder = _open_tracking(trainer, out, tracking, experiment)
+    try:
+        return _train(args, trainer, out, recorder)
+    except KeyboardInterrupt:
+        _close_tracking(recorder, trainer, out, "unfinished")
+        raise
+    except TrainingDiverged as error:
+        _close_tracking(recorder, trainer, out, "error", str(error))
+        raise
+    except Exception as error:
+        _close_tracking(recorder, trainer, out, "error", f"{type(error).__name__}: {error}")
+        raise
+
+
+def _train(args: argparse.Namespace, trainer: Trainer, out: Path, recorder: RunRecorder | None) -> int:
     epochs = trainer.config.train.epochs
     print(f"ltsearch train: {trainer.config.data.name} ({trainer.data.num_classes} classes, {int(trainer.class_counts.sum())} train images), "
           f"{trainer.config.model.name}, loss {trainer.config.loss.name}, augmenter {trainer.config.augmenter.name}, "
@@ -94,10 +147,13 @@ def run(args: argparse.Namespace) -> int:
         for result in trainer.run():
             result.save_checkpoint(out)
             write_table(trainer.history, out / "history.parquet")
+            if recorder is not None:
+                recorder.epoch(record.PARENT, result.metrics)
             if not args.quiet:
                 print(progress_line(result, epochs, keys), flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {trainer.epoch} epochs; continue with: ltsearch train --resume {out}", file=sys.stderr)
+        _close_tracking(recorder, trainer, out, "unfinished")
         return 130
     except TrainingDiverged as error:
         kept = f"the last good checkpoint (after epoch {epoch_label(trainer.epoch - 1, epochs).strip()}) is in {out}" if trainer.epoch else "no epoch finished, so no checkpoint was written"
@@ -110,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     shown = "  ".join(f"{key} {_format(best.get(key))}" for key in ("val/top1", "test/top1", "test/bacc", "test/many", "test/medium", "test/few"))
     best_epoch = "none" if summary["best_epoch"] is None else epoch_label(summary["best_epoch"], epochs).strip()
     print(f"done: best epoch {best_epoch} by {summary['select_metric']}: {shown}; {out / 'metrics.json'}")
+    if _close_tracking(recorder, trainer, out, "completed"):
+        print(f"tracked in MLflow ({recorder.tracker.uri}, experiment '{recorder.tracker.experiment_name}'); browse with: ltsearch ui")
     return 0
 
 

@@ -1,0 +1,282 @@
+"""The MLflow writer: every write goes through one queue, written by one background thread.
+
+Why a queue and a thread: the driver's Ray Tune event loop (and `ltsearch train`'s epoch loop) must never
+wait on a tracking server. A write that fails because the store cannot be reached stays at the head of
+the queue and is retried every `retry_s` seconds; the user is told once when the store goes away and once
+when it is back. A write the store refuses for good (a bad value) is dropped and listed at the end.
+`close()` waits a bounded time and returns what could not be written, so nothing is lost silently.
+
+Runs are addressed by a logical key ("parent", a trial id). A key is bound to an MLflow run by its tags
+(`open_run(find=...)`), never by a remembered id alone, so a resumed sweep finds and continues the runs
+it created before the driver was killed instead of duplicating them. Metric steps already in the store
+are read once per run and never written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ltsearch.tracking.settings import TrackingConfig
+
+#: the metric whose history says which epochs of a run are already logged (every epoch reports it)
+STEP_MARKER = "train/loss"
+PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
+METRICS_PER_BATCH = 1000
+MAX_PARAM_LENGTH = 6000
+#: MLflow error codes that mean "this write will never succeed"; anything else is treated as the store being away
+PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+                             "INVALID_STATE", "PERMISSION_DENIED"})
+#: HTTP retries inside one request stay short: the queue does the waiting, without blocking anything
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@dataclass
+class _Write:
+    description: str
+    apply: Callable[[], None]
+
+
+class Tracker:
+    """Driver-side run log for one command (a sweep, a train run, an ablation)."""
+
+    def __init__(self, settings: TrackingConfig, experiment: str, *, stream: Any = None, retry_s: float = 5.0):
+        self.uri = settings.resolved_uri()
+        self.artifact_root = settings.artifact_root()
+        self.experiment_name = settings.experiment or experiment
+        self.stream = stream
+        self.retry_s = retry_s
+        self.run_ids: dict[str, str] = {}
+        self.logged_steps: dict[str, set[int]] = {}
+        self.latest: dict[str, dict[str, float]] = {}  # latest summary values found in the store, per key
+        self.dropped: list[str] = []
+        self._created: set[str] = set()  # keys whose run this process created (and so still lacks params)
+        self._queue: deque[_Write] = deque()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._away_since: float | None = None
+        self._client: Any = None
+        self._experiment_id: str | None = None
+        self._thread = threading.Thread(target=self._drain, name="ltsearch-tracking", daemon=True)
+        self._thread.start()
+
+    # --------------------------------------------------------------------------- what callers queue
+    def open_run(self, key: str, *, name: str, find: dict[str, str], tags: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None, parent: str | None = None, reopen: bool = False) -> None:
+        """Bind `key` to the run whose tags match `find` (under `parent`'s run), creating it if there is none.
+
+        `params` are written only when the run is created (MLflow params never change); `reopen` puts a
+        found run back to RUNNING (a resumed trial continues it).
+        """
+        self._put(f"open run '{name}'", lambda: self._open(key, name, find, tags or {}, parent, reopen))
+        if params:
+            self._put(f"params of run '{name}'", lambda: self._batch(key, params=params) if key in self._created else None)
+
+    def log_metrics(self, key: str, step: int, metrics: dict[str, float]) -> None:
+        """One epoch's scalars in one request (log_batch); a step already in the store is skipped."""
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self._put(f"metrics of {key} at step {step}", lambda: self._metrics(key, step, values))
+
+    def log_summary(self, key: str, step: int, metrics: dict[str, float]) -> None:
+        """Summary metrics (`best/*`): written unless the store already holds the same latest value."""
+        if metrics:
+            self._put(f"summary of {key}", lambda: self._summary(key, step, metrics))
+
+    def set_tags(self, key: str, tags: dict[str, Any]) -> None:
+        if tags:
+            self._put(f"tags of {key}", lambda: self._batch(key, tags=tags))
+
+    def log_artifact(self, key: str, name: str, content: bytes) -> None:
+        """Queue a file's bytes (copied now, so the caller may delete its file at once)."""
+        self._put(f"artifact {name} of {key}", lambda: self._artifact(key, name, content))
+
+    def close_run(self, key: str, status: str) -> None:
+        self._put(f"status {status} of {key}", lambda: self._client_call().set_terminated(self._run(key), status=status))
+
+    def run_id(self, key: str, timeout_s: float = 30.0) -> str | None:
+        """The MLflow run id behind `key` once its open_run was written (None if not within the timeout)."""
+        self.flush(timeout_s)
+        return self.run_ids.get(key)
+
+    # ------------------------------------------------------------------------------------ draining
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued write is done; False when the timeout came first."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._queue and time.monotonic() < deadline:
+                self._lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            return not self._queue
+
+    def close(self, timeout_s: float = 30.0) -> list[str]:
+        """Write what is queued; return what was not written.
+
+        A reachable store gets up to `timeout_s` to take the queue; one that is away right now gets one
+        more retry, not the whole timeout (the user was told, and is told again what is missing).
+        """
+        self.flush(timeout_s if self._away_since is None else min(timeout_s, self.retry_s + 1.0))
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            pending = [write.description for write in self._queue]
+        self._thread.join(timeout=max(1.0, self.retry_s + 1.0))
+        return self.dropped + pending
+
+    def _put(self, description: str, apply: Callable[[], None]) -> None:
+        with self._lock:
+            self._queue.append(_Write(description, apply))
+            self._lock.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if self._closing and (not self._queue or self._away_since is not None):
+                    return
+                write = self._queue[0]
+            outcome = self._attempt(write)
+            with self._lock:
+                if outcome != "retry":
+                    self._queue.popleft()
+                self._lock.notify_all()
+                if outcome == "retry" and not self._closing:
+                    self._lock.wait(self.retry_s)
+
+    def _attempt(self, write: _Write) -> str:
+        try:
+            write.apply()
+        except Exception as error:  # noqa: BLE001 - tracking must never stop training; every failure is reported
+            if _is_permanent(error):
+                self.dropped.append(f"{write.description}: {_one_line(error)}")
+                self._say(f"tracking: could not write {write.description} to {self.uri}: {_one_line(error)}")
+                return "dropped"
+            if self._away_since is None:
+                self._away_since = time.monotonic()
+                self._say(f"tracking: cannot reach {self.uri} ({_one_line(error)}); training goes on, and what cannot be "
+                          f"logged now is kept and retried every {self.retry_s:g} s")
+            return "retry"
+        if self._away_since is not None:
+            self._say(f"tracking: {self.uri} is reachable again after {time.monotonic() - self._away_since:.0f} s; sending what was kept")
+            self._away_since = None
+        return "done"
+
+    def _say(self, message: str) -> None:
+        print(message, file=self.stream or sys.stderr, flush=True)
+
+    # ---------------------------------------------------------------------------- the MLflow calls
+    def _client_call(self) -> Any:
+        if self._client is None:
+            for key, value in HTTP_ENV.items():
+                os.environ.setdefault(key, value)
+            for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.sqlalchemy"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            client = self._client_call()
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                try:
+                    self._experiment_id = client.create_experiment(self.experiment_name, artifact_location=self.artifact_root)
+                except Exception:  # noqa: BLE001 - created meanwhile by another process: read it back
+                    experiment = client.get_experiment_by_name(self.experiment_name)
+                    if experiment is None:
+                        raise
+                    self._experiment_id = experiment.experiment_id
+            else:
+                self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    def _run(self, key: str) -> str:
+        if key not in self.run_ids:
+            raise LookupError(f"no run is open for {key}")
+        return self.run_ids[key]
+
+    def _open(self, key: str, name: str, find: dict[str, str], tags: dict[str, str], parent: str | None, reopen: bool) -> None:
+        if key in self.run_ids:
+            return
+        client = self._client_call()
+        match = dict(find)
+        if parent is not None:
+            match["mlflow.parentRunId"] = self._run(parent)
+        clauses = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in match.items())
+        found = client.search_runs([self.experiment_id()], filter_string=clauses, max_results=2, order_by=["attributes.start_time ASC"])
+        if found:
+            run_id = found[0].info.run_id
+            if reopen and found[0].info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            history = client.get_metric_history(run_id, STEP_MARKER)
+            self.logged_steps[key] = {m.step for m in history}
+            self.latest[key] = dict(found[0].data.metrics)
+        else:
+            run = client.create_run(self.experiment_id(), run_name=name, tags={**{k: str(v) for k, v in tags.items()}, **match})
+            run_id = run.info.run_id
+            self.logged_steps[key] = set()
+            self._created.add(key)
+        self.run_ids[key] = run_id
+
+    def _metrics(self, key: str, step: int, values: dict[str, float]) -> None:
+        if step in self.logged_steps.setdefault(key, set()):
+            return
+        self._batch(key, metrics=values, step=step)
+        self.logged_steps[key].add(step)
+
+    def _summary(self, key: str, step: int, values: dict[str, float]) -> None:
+        latest = self.latest.setdefault(key, {})
+        changed = {k: v for k, v in values.items() if latest.get(k) != v}
+        if changed:
+            self._batch(key, metrics=changed, step=step)
+            latest.update(changed)
+
+    def _batch(self, key: str, *, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, Any] | None = None,
+               tags: dict[str, Any] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        run_id, client, now = self._run(key), self._client_call(), int(time.time() * 1000)
+        metric_list = [Metric(k, v, now, step) for k, v in (metrics or {}).items()]
+        param_list = [Param(k, _text(v)) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, _text(v)) for k, v in (tags or {}).items()]
+        for i in range(0, len(metric_list), METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=metric_list[i:i + METRICS_PER_BATCH], synchronous=True)
+        for i in range(0, len(param_list), PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=param_list[i:i + PARAMS_PER_BATCH], synchronous=True)
+        if tag_list:
+            client.log_batch(run_id, tags=tag_list, synchronous=True)
+
+    def _artifact(self, key: str, name: str, content: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="ltsearch-artifact-") as directory:
+            path = Path(directory) / name
+            path.write_bytes(content)
+            self._client_call().log_artifact(self._run(key), str(path))
+
+
+def _is_permanent(error: BaseException) -> bool:
+    code = getattr(error, "error_code", None)
+    return isinstance(error, LookupError) or (isinstance(code, str) and code in PERMANENT_CODES)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _quote(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else "null" if value is None else str(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 1] + "…"
