@@ -69,7 +69,8 @@ def plain_loop(sweep_dir: Path) -> None:
     from ltsearch.data import build_dataset
     from ltsearch.engine import Trainer
     from ltsearch.results import read_table
-    from ltsearch.tune import _plan, parse_sweep, trial_run_config
+    from ltsearch.tune import parse_sweep, trial_run_config
+    from ltsearch.tune.trainable import _plan
 
     sweep = parse_sweep(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), source="sweep.yaml")
     plan = _plan(sweep)

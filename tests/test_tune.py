@@ -294,7 +294,7 @@ def test_trial_rows_fall_back_to_progress_csv_when_result_json_is_missing(tmp_pa
     """Ray sometimes leaves no result.json (seen under PBT); the reports in progress.csv must not be lost."""
     from types import SimpleNamespace
 
-    from ltsearch.tune import _epoch_rows
+    from ltsearch.tune.outputs import _epoch_rows
 
     (tmp_path / "progress.csv").write_text(f"{EPOCHS},val/top1,trial_id,done\n1,40.0,t0,False\n2,55.5,t0,False\n2,56.0,t0,True\n")
     rows = _epoch_rows(SimpleNamespace(metrics_dataframe=None, path=str(tmp_path)))

@@ -1,0 +1,29 @@
+"""Names every module of the package shares: the epoch result key, the files a sweep directory holds,
+and sweep locations (local paths or URIs such as s3://).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+#: the result key schedulers count in: epochs completed (1-based), robust to restores, unlike Ray's iteration counter
+EPOCHS = "epochs"
+SWEEP_FILE = "sweep.yaml"
+BEST_FILE = "best.yaml"
+TRIALS_FILE = "trials.parquet"
+HISTORY_FILE = "history.parquet"
+
+
+def _absolute(location: str) -> str:
+    """URIs stay as they are; local paths become absolute (Ray needs absolute storage paths)."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
+def _join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}"
+
+
+def _split(location: str) -> tuple[str, str]:
+    parent, _, name = location.rstrip("/").rpartition("/")
+    return parent or "/", name

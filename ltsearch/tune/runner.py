@@ -1,0 +1,114 @@
+"""Running sweeps: `run_sweep` (a new sweep directory) and `resume_sweep` (Tuner.restore of an interrupted one).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import optuna
+import yaml
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from ltsearch.config import build_run_config
+from ltsearch.errors import ConfigError
+from ltsearch.results import location_exists, read_text_from, write_text_to
+from ltsearch.tune._names import SWEEP_FILE, TRIALS_FILE, _absolute, _join, _split
+from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, TUNE_DOMAINS, SchedulerContext
+from ltsearch.tune.outputs import SweepOutcome, finish
+from ltsearch.tune.progress import ProgressTable
+from ltsearch.tune.session import _warn_if_storage_is_local, ray_session
+from ltsearch.tune.settings import Sweep, parse_sweep
+from ltsearch.tune.trainable import _plan, train_trial, trial_dirname
+
+
+def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None = None, callbacks: list[Any] | None = None,
+              stream: Any = None, progress_interval_s: float = 10.0) -> SweepOutcome:
+    """Run a validated sweep into `directory` (default: `<storage or runs>/<name>-<time>`); never overwrites one.
+
+    `callbacks` are extra Ray Tune callbacks (the seam for tracking, e.g. MLflow, which runs on the driver).
+    """
+    directory = _absolute(directory) if directory else sweep.default_dir()
+    if location_exists(directory):
+        raise ConfigError("--out", directory, "a sweep directory that does not exist yet (nothing already run is ever overwritten)",
+                          hint=f"Continue it with `ltsearch tune --resume {directory}`, or choose another --out.")
+    stream = stream or sys.stdout
+    with ray_session(address):
+        _warn_if_storage_is_local(directory, stream)
+        write_text_to(yaml.safe_dump(sweep.raw, sort_keys=False), _join(directory, SWEEP_FILE))
+        parent, name = _split(directory)
+        progress = ProgressTable(sweep.space.keys, sweep.objective, sweep.max_epochs, progress_interval_s, stream)
+        scheduler = SCHEDULERS.get(sweep.scheduler.name)
+        population_based = bool(scheduler.meta.get("population_based"))  # PBT: random population, exploits others' checkpoints
+        search_alg, param_space, num_samples = _search(sweep, random_population=population_based)
+        tuner = tune.Tuner(
+            _trainable(sweep, stream),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.objective.metric, mode=sweep.objective.mode, search_alg=search_alg,
+                scheduler=scheduler.obj(sweep.scheduler.params, SchedulerContext(sweep.max_epochs, sweep.space)),
+                num_samples=num_samples, max_concurrent_trials=sweep.search.max_concurrent,
+                reuse_actors=True, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(
+                name=name, storage_path=parent, callbacks=[progress, *(callbacks or [])], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=sweep.execution.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if population_based else sweep.execution.checkpoint.keep)),
+        )
+        print(f"ltsearch tune: {sweep.source}: {sweep.num_trials} trials of at most {sweep.max_epochs} epochs, sampler "
+              f"{sweep.search.sampler}, scheduler {sweep.scheduler.name}, metric {sweep.objective.metric} ({sweep.objective.mode}); "
+              f"writing {directory}", file=stream, flush=True)
+        grid = tuner.fit()
+    return finish(sweep, directory, grid, stream)
+
+
+def resume_sweep(directory: str, *, address: str | None = None, stream: Any = None) -> SweepOutcome:
+    """Continue an interrupted sweep (Tuner.restore): finished trials are kept, unfinished ones resume from checkpoints."""
+    directory = _absolute(directory)
+    sweep_file = _join(directory, SWEEP_FILE)
+    if not location_exists(sweep_file):
+        raise ConfigError("--resume", directory, f"a sweep directory written by `ltsearch tune` (holding {SWEEP_FILE})")
+    sweep = parse_sweep(yaml.safe_load(read_text_from(sweep_file)), source=sweep_file)
+    if location_exists(_join(directory, TRIALS_FILE)):
+        raise ConfigError("--resume", directory, "an unfinished sweep; this one already finished and wrote its results")
+    stream = stream or sys.stdout
+    with ray_session(address):
+        if not tune.Tuner.can_restore(directory):
+            raise ConfigError("--resume", directory, "a sweep whose experiment state Ray Tune saved (it stopped before its first trial started)",
+                              hint="Start it again instead: `ltsearch tune FILE`.")
+        tuner = tune.Tuner.restore(directory, trainable=_trainable(sweep, stream), resume_unfinished=True, resume_errored=True)
+        print(f"ltsearch tune: resuming {directory}", file=stream, flush=True)
+        grid = tuner.fit()
+    return finish(sweep, directory, grid, stream)
+
+
+def _trainable(sweep: Sweep, stream: Any) -> Any:
+    """train_trial bound to the plan and the dataset, each put in the object store once for all trials."""
+    from ltsearch.data import build_dataset
+
+    data = None
+    if sweep.shares_data:
+        data = build_dataset(build_run_config(sweep.base).data)
+    else:
+        print("note: the space changes data.* keys, so every trial builds its own dataset", file=stream)
+    resources = sweep.execution.resources
+    return tune.with_resources(tune.with_parameters(train_trial, plan=_plan(sweep), data=data),
+                               {"cpu": resources.cpu, "gpu": resources.gpu})
+
+
+def _search(sweep: Sweep, *, random_population: bool) -> tuple[Any, dict | None, int]:
+    """(search algorithm, Tune param_space, Tune num_samples).
+
+    Normally Optuna proposes every point through the define-by-run space, with grid cells enqueued
+    `num_samples` times each. A scheduler that needs its own random population (PBT) gets Ray's
+    random generator over Tune domains instead (grid keys as grid_search, repeated `num_samples` times).
+    """
+    if random_population:
+        domains = {p.key: TUNE_DOMAINS[type(p.dist)](p.dist) for p in sweep.space.params}
+        return BasicVariantGenerator(random_state=sweep.search.seed), domains, sweep.search.num_samples
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines repeat the progress table
+    points = [dict(cell) for cell in sweep.cells for _ in range(sweep.search.num_samples)]
+    searcher = OptunaSearch(space=sweep.space.sample, metric=sweep.objective.metric, mode=sweep.objective.mode,
+                            sampler=SAMPLERS.get(sweep.search.sampler).obj(sweep.search.seed), points_to_evaluate=points or None)
+    return searcher, None, sweep.num_trials

@@ -1,0 +1,192 @@
+"""The search file: its typed sections (search:, metric:/mode:, resources:, checkpoint:, ...) and `Sweep`,
+a parsed search file validated end to end (`load_sweep`, `parse_sweep`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ltsearch import _checks as check
+from ltsearch.config import RUN_SECTIONS, apply_overrides, build, read_yaml
+from ltsearch.errors import ConfigError
+from ltsearch.space import Point, SearchSpace, parse_space, validate_space
+from ltsearch.tune._names import _absolute, _join
+from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, SchedulerSpec, _importable, parse_scheduler, pbt_keys
+
+
+@dataclass
+class SearchConfig:
+    """`search:` — which Optuna sampler proposes points and how many trials it gets.
+
+    `num_samples` is the number of trials, or with `grid` keys the number per grid cell (Ray's
+    grid_search semantics). `max_concurrent` caps running trials (None: as many as resources allow).
+    """
+
+    sampler: str = "tpe"
+    num_samples: int = 10
+    seed: int = 0
+    max_concurrent: int | None = None
+
+    def validate(self, where: str) -> None:
+        entry = SAMPLERS.get(self.sampler)
+        missing = entry.meta.get("requires")
+        if missing and not _importable(missing):
+            raise ConfigError(f"{where}.sampler", self.sampler, f"a sampler whose package is installed ('{missing}' is not)",
+                              hint=f"pip install {missing}, or choose another of {SAMPLERS.names()}.")
+        check.integer(f"{where}.num_samples", self.num_samples)
+        check.number(f"{where}.num_samples", self.num_samples, low=1)
+        check.number(f"{where}.seed", self.seed, low=0)
+        if self.max_concurrent is not None:
+            check.number(f"{where}.max_concurrent", self.max_concurrent, low=1)
+
+
+@dataclass
+class Objective:
+    """`metric:` / `mode:` — what the searcher and scheduler optimise; always a validation metric (honest protocol)."""
+
+    metric: str = "val/top1"
+    mode: Literal["max", "min"] = "max"
+
+    def validate(self, where: str) -> None:
+        if not self.metric.startswith("val/"):
+            raise ConfigError("metric", self.metric, "a validation metric such as 'val/top1' or 'val/bacc'",
+                              hint="Searching on test leaks the test set into the choice of hyperparameters.")
+
+    def better(self, a: float | None, b: float | None) -> bool:
+        """Whether `a` beats `b` (None never wins)."""
+        if a is None or (isinstance(a, float) and math.isnan(a)):
+            return False
+        if b is None:
+            return True
+        return a > b if self.mode == "max" else a < b
+
+
+@dataclass
+class ResourcesConfig:
+    """`resources:` per trial. A GPU fraction below 1 packs several trials on one GPU (no memory isolation)."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def validate(self, where: str) -> None:
+        check.number(f"{where}.cpu", self.cpu, low=0.0, low_open=True)
+        check.number(f"{where}.gpu", self.gpu, low=0.0)
+        if self.gpu > 1 and not float(self.gpu).is_integer():
+            raise ConfigError(f"{where}.gpu", self.gpu, "a fraction below 1 (trials share a GPU) or a whole number of GPUs")
+
+
+@dataclass
+class CheckpointSettings:
+    """`checkpoint:` — a checkpoint every `every` epochs and after the last; `keep` newest ones kept per trial."""
+
+    every: int = 1
+    keep: int | None = 2
+
+    def validate(self, where: str) -> None:
+        check.number(f"{where}.every", self.every, low=1)
+        if self.keep is not None:
+            check.number(f"{where}.keep", self.keep, low=1)
+
+
+@dataclass
+class ExecutionConfig:
+    """How a sweep runs: where it writes, what each trial gets, how failures are retried."""
+
+    name: str | None = None
+    storage: str | None = None
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    max_failures: int = 1
+
+    def validate(self, where: str) -> None:
+        check.number("max_failures", self.max_failures, low=0)
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ConfigError("name", self.name, "a non-empty directory name without '/'")
+
+
+EXECUTION_KEYS = ("name", "storage", "resources", "checkpoint", "max_failures")
+OBJECTIVE_KEYS = ("metric", "mode")
+SWEEP_KEYS = ("space", "search", "scheduler", *OBJECTIVE_KEYS, *EXECUTION_KEYS)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed search file, validated end to end: nothing launches unless every corner of the space is valid."""
+
+    source: str
+    raw: dict
+    base: dict
+    space: SearchSpace
+    cells: tuple[Point, ...]
+    search: SearchConfig
+    objective: Objective
+    scheduler: SchedulerSpec
+    execution: ExecutionConfig
+    corners_checked: int
+    max_epochs: int
+
+    @property
+    def num_trials(self) -> int:
+        return self.search.num_samples * max(1, len(self.cells))
+
+    @property
+    def shares_data(self) -> bool:
+        """Whether one dataset serves every trial (not when the space changes `data.*`)."""
+        return not any(key.startswith("data.") for key in self.space.keys)
+
+    def default_dir(self, now: float | None = None) -> str:
+        stem = self.execution.name or Path(self.source).stem
+        root = self.execution.storage or "runs"
+        return _join(_absolute(root), f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read a search file (following `base:`), apply `--set` overrides, validate everything."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return parse_sweep(raw, source=str(path))
+
+
+def parse_sweep(raw: dict, *, source: str) -> Sweep:
+    try:
+        return _parse_sweep(raw, source)
+    except ConfigError as error:
+        raise error if error.source else error.with_source(source)
+
+
+def _parse_sweep(raw: dict, source: str) -> Sweep:
+    unknown = [key for key in raw if key not in RUN_SECTIONS and key not in SWEEP_KEYS]
+    if unknown:
+        raise ConfigError(unknown[0], raw[unknown[0]], f"a run-config section {list(RUN_SECTIONS)} or a search key {list(SWEEP_KEYS)}")
+    if not raw.get("space"):
+        raise ConfigError("space", raw.get("space"), "a non-empty mapping of config keys to distributions",
+                          hint="A file without a space is a run config: use `ltsearch train`.")
+    base = {key: copy.deepcopy(raw[key]) for key in RUN_SECTIONS if key in raw}
+    space = parse_space(raw["space"], base)
+    search = build(SearchConfig, raw.get("search"), "search")
+    objective = build(Objective, {k: raw[k] for k in OBJECTIVE_KEYS if k in raw}, "")
+    scheduler = parse_scheduler(raw.get("scheduler"))
+    execution = build(ExecutionConfig, {k: raw[k] for k in EXECUTION_KEYS if k in raw}, "")
+    cells = space.grid_cells(exhaustive=bool(SAMPLERS.get(search.sampler).meta.get("exhaustive")))
+    checked = validate_space(space, base)
+    if SCHEDULERS.get(scheduler.name).meta.get("population_based"):
+        _check_population(scheduler, search, space)
+    return Sweep(source=source, raw=raw, base=base, space=space, cells=tuple(cells), search=search, objective=objective,
+                 scheduler=scheduler, execution=execution, corners_checked=checked.corners, max_epochs=checked.max_epochs)
+
+
+def _check_population(scheduler: SchedulerSpec, search: SearchConfig, space: SearchSpace) -> None:
+    """PBT runs without a search algorithm in Ray Tune: its first population is drawn at random from Tune domains."""
+    if search.sampler != "random":
+        raise ConfigError("search.sampler", search.sampler, f"'random' with scheduler {scheduler.name}: Ray Tune runs it without a "
+                          "search algorithm, so the first population is drawn at random")
+    conditional = [p.key for p in space.params if p.condition is not None and p.condition.key not in dict(space.fixed)]
+    if conditional:
+        raise ConfigError(f"space.{conditional[0]}", space.params[space.keys.index(conditional[0])].dist.spec(),
+                          f"no conditional keys with scheduler {scheduler.name} (a random population cannot express them)",
+                          hint="Fix the method in the base config (augmenter.name / loss.name) instead of searching it.")
+    pbt_keys(scheduler.params, space)
