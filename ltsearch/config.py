@@ -412,7 +412,8 @@ def load_yaml_text(text: str) -> Any:
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b.c=value` -> ("a.b.c", value parsed as a YAML scalar or list)."""
     if "=" not in text:
-        raise ConfigError("--set", text, "the form dotted.key=value, e.g. --set optim.lr=0.05")
+        raise ConfigError("--set", text, "the form dotted.key=value, e.g. --set optim.lr=0.05",
+                          hint="A file or other argument goes before --set, which takes every KEY=VALUE after it.")
     key, _, value_text = text.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):

@@ -21,3 +21,11 @@ def cifar_root() -> Path:
     if not (CIFAR10_DIR / "data_batch_1").is_file():
         pytest.skip(f"real CIFAR-10 files not found under {CIFAR10_DIR} (set LTSEARCH_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test tracks into its own sqlite store (the default would be ./mlruns.db in the repository)."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

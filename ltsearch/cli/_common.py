@@ -6,5 +6,6 @@ import argparse
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=0.05 (repeatable; values are YAML scalars or lists)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. --set optim.lr=0.05 train.epochs=3 (several after one --set, or "
+                             "--set repeated; values are YAML scalars or lists)")

@@ -2,7 +2,7 @@
 
     tracking:
       enabled: true                 # false: nothing is logged anywhere
-      uri: sqlite:///mlruns.db      # any MLflow tracking URI; relative sqlite/file paths are resolved
+      uri: null                     # any MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
       experiment: null              # default: the sweep's name (tune), the config's stem (train)
       artifacts: null               # artifact root of experiments this creates; default: beside a local store
 
@@ -17,6 +17,7 @@ in one place (TAG_*).
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from ltsearch.errors import ConfigError
 
 SECTION = "tracking"
 DEFAULT_URI = "sqlite:///mlruns.db"
+URI_ENV = "MLFLOW_TRACKING_URI"
 
 #: what kind of thing a run is: "sweep" (parent of trials), "trial", "train" (one `ltsearch train` run),
 #: "ablation" (parent of cells), "cell" (one cell x seed of an ablation)
@@ -52,27 +54,33 @@ _EXPERIMENT_NAME = re.compile(r"^[^\x00-\x1f]{1,200}$")
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True
-    uri: str = DEFAULT_URI
+    uri: str | None = None
     experiment: str | None = None
     artifacts: str | None = None
 
     def validate(self, where: str = SECTION) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"{where}.enabled", self.enabled, "true or false")
-        if not isinstance(self.uri, str) or not self.uri.strip():
+        if self.uri is not None and (not isinstance(self.uri, str) or not self.uri.strip()):
             raise ConfigError(f"{where}.uri", self.uri, f"an MLflow tracking URI such as {DEFAULT_URI} or http://127.0.0.1:5000")
-        scheme = self.uri.split("://", 1)[0].split("+", 1)[0] if "://" in self.uri else None
+        uri = self.effective_uri()
+        scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else None
         if scheme is not None and scheme not in _SCHEMES:
-            raise ConfigError(f"{where}.uri", self.uri, f"a URI with one of the schemes {list(_SCHEMES)}, or a local path",
+            key = f"{where}.uri" if self.uri is not None else f"{where}.uri (from ${URI_ENV})"
+            raise ConfigError(key, uri, f"a URI with one of the schemes {list(_SCHEMES)}, or a local path",
                               hint=f"For a local store use {DEFAULT_URI}.")
         if self.experiment is not None and (not isinstance(self.experiment, str) or not _EXPERIMENT_NAME.match(self.experiment)):
             raise ConfigError(f"{where}.experiment", self.experiment, "an experiment name of 1 to 200 printable characters")
         if self.artifacts is not None and (not isinstance(self.artifacts, str) or not self.artifacts.strip()):
             raise ConfigError(f"{where}.artifacts", self.artifacts, "a directory or URI for artifacts")
 
+    def effective_uri(self) -> str:
+        """`uri`, else $MLFLOW_TRACKING_URI (as every MLflow user expects), else the local sqlite store."""
+        return self.uri or os.environ.get(URI_ENV) or DEFAULT_URI
+
     def resolved_uri(self, cwd: Path | None = None) -> str:
         """The URI with a relative local store made absolute, so trials, the UI and later commands agree."""
-        return resolve_uri(self.uri, cwd)
+        return resolve_uri(self.effective_uri(), cwd)
 
     def artifact_root(self, cwd: Path | None = None) -> str | None:
         """Where experiments created here keep artifacts: `artifacts`, else `mlartifacts/` beside a local store."""

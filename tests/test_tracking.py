@@ -1,0 +1,150 @@
+"""Tracking in a real sqlite MLflow store: the writer, the recorder and `ltsearch train`'s run.
+
+Sweeps (parent/child runs through Ray Tune) are in test_tracking_sweep.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ltsearch.cli import main
+from ltsearch.errors import ConfigError
+from ltsearch.tracking import record
+from ltsearch.tracking.settings import TrackingConfig, parse_tracking, resolve_uri, split_tracking
+from ltsearch.tracking.store import Tracker
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_tracking_section_is_split_off_and_validated(tmp_path: Path) -> None:
+    rest, tracking = split_tracking({"optim": {"lr": 0.1}, "tracking": {"uri": "http://10.0.0.1:5000", "experiment": "x"}})
+    assert rest == {"optim": {"lr": 0.1}} and tracking.uri == "http://10.0.0.1:5000" and tracking.experiment == "x"
+    assert resolve_uri("sqlite:///mlruns.db", tmp_path) == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert TrackingConfig(uri="sqlite:///a/b.db").artifact_root(tmp_path) is not None
+    for bad, key in (({"uri": "ftp://x"}, "tracking.uri"), ({"enabled": "yes"}, "tracking.enabled"), ({"urI": "x"}, "tracking.urI"),
+                     ({"experiment": ""}, "tracking.experiment"), ("sqlite:///x", "tracking")):
+        with pytest.raises(ConfigError) as caught:
+            parse_tracking(bad, source="f.yaml")
+        assert caught.value.key == key and "f.yaml" in str(caught.value)
+
+
+def test_the_environment_uri_is_the_default_and_a_file_value_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert TrackingConfig().resolved_uri() == "http://127.0.0.1:5999"
+    assert TrackingConfig(uri="sqlite:////tmp/x.db").resolved_uri() == "sqlite:////tmp/x.db"
+
+
+# ------------------------------------------------------------------------------------------- writer
+def test_runs_are_found_by_tags_and_no_step_is_written_twice(mlflow_store: str) -> None:
+    first = Tracker(TrackingConfig(), "exp")
+    first.open_run("parent", name="sweep", find={"ltsearch.kind": "sweep", "ltsearch.dir": "/d"}, params={"a.b": 1})
+    first.open_run("t1", name="child", find={"ltsearch.trial_id": "t1"}, parent="parent", params={"lr": 0.1})
+    for epoch in range(3):
+        first.log_metrics("t1", epoch, {"train/loss": 1.0 / (epoch + 1), "val/top1": 10.0 * epoch})
+    first.close_run("t1", "KILLED")
+    assert first.close() == []
+    # a second process (a resumed sweep) continues the same runs: epoch 2 again is skipped, epoch 3 is new
+    second = Tracker(TrackingConfig(), "exp")
+    second.open_run("parent", name="sweep", find={"ltsearch.kind": "sweep", "ltsearch.dir": "/d"})
+    second.open_run("t1", name="child", find={"ltsearch.trial_id": "t1"}, parent="parent", reopen=True)
+    second.log_metrics("t1", 2, {"train/loss": 99.0})
+    second.log_metrics("t1", 3, {"train/loss": 0.2})
+    second.log_summary("t1", 3, {"best/val/top1": 20.0})
+    second.log_summary("t1", 3, {"best/val/top1": 20.0})
+    second.close_run("t1", "FINISHED")
+    assert second.close() == []
+    runs = _runs(mlflow_store)
+    assert sorted(r.info.run_name for r in runs) == ["child", "sweep"]
+    child = next(r for r in runs if r.info.run_name == "child")
+    assert child.info.status == "FINISHED" and child.data.params == {"lr": "0.1"}
+    assert child.data.tags["mlflow.parentRunId"] == next(r for r in runs if r.info.run_name == "sweep").info.run_id
+    client = MlflowClient(mlflow_store)
+    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "train/loss")] == [(0, 1.0), (1, 0.5), (2, 1 / 3), (3, 0.2)]
+    assert len(client.get_metric_history(child.info.run_id, "best/val/top1")) == 1
+
+
+def test_an_unreachable_store_never_blocks_and_lists_what_was_not_written(capsys: pytest.CaptureFixture) -> None:
+    tracker = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{_closed_port()}"), "exp", retry_s=0.5)
+    start = time.monotonic()
+    tracker.open_run("run", name="r", find={"ltsearch.kind": "train"})
+    for epoch in range(20):
+        tracker.log_metrics("run", epoch, {"train/loss": 1.0})
+    queued = time.monotonic() - start
+    unwritten = record.finish(tracker, timeout_s=2.0)
+    err = capsys.readouterr().err
+    assert queued < 0.5, "queueing writes must not wait on the store"
+    assert len(unwritten) == 21 and unwritten[0] == "open run 'r'"
+    assert err.count("cannot reach") == 1 and "21 write(s) did not reach" in err
+
+
+def test_epoch_metrics_keep_ours_and_drop_ray_bookkeeping() -> None:
+    row = {"epoch": 3, "train/loss": 0.5, "val/top1": 50.0, "val/num_few": 2, "aug/omega": 1.2, "lr": 0.1, "images_per_s": 900.0,
+           "time_this_iter_s": 1.0, "training_iteration": 4, "test/per_class": [1.0, None], "node_id": "x", "epochs": 4,
+           "train/aux": float("nan")}
+    assert record.epoch_metrics(row) == {"train/loss": 0.5, "val/top1": 50.0, "aug/omega": 1.2, "lr": 0.1, "images_per_s": 900.0}
+    assert record.run_name({"augmenter": {"name": "smart"}, "loss": {"name": "ldam"}},
+                           {"augmenter.smart.tau": 0.31234, "optim.lr": 0.05}) == "smart+ldam tau=0.312 lr=0.05"
+    assert record.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
+
+
+# ------------------------------------------------------------------------------------------- train
+def test_train_is_one_finished_run_with_params_metrics_and_artifacts(tmp_path: Path, mlflow_store: str) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--set", "train.epochs=2", "train.seed=0", "--out", str(out), "--quiet"]) == 0
+    (run,) = _runs(mlflow_store)
+    client = MlflowClient(mlflow_store)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.tags["ltsearch.kind"] == "train" and run.data.tags["ltsearch.dir"] == str(out.resolve())
+    assert run.data.params["optim.lr"] == "0.1" and "augmenter.smart.tau" not in run.data.params  # only the active method's section
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0, 1]
+    selected = int(run.data.tags["ltsearch.selected_epoch"])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test/top1")}
+    assert run.data.metrics["best/test/top1"] == pytest.approx(history[selected])
+    assert not any(key.startswith(("time_", "training_iteration")) for key in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_class_accuracy.png", "config.yaml", "metrics.json"} <= artifacts
+    png = Path(client.download_artifacts(run.info.run_id, "per_class_accuracy.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_resumed_continues_its_run_and_a_disabled_tracker_writes_nothing(tmp_path: Path, mlflow_store: str) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--set", "train.epochs=1", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--resume", str(out), "--set", "train.epochs=2", "--quiet"]) == 0
+    (run,) = _runs(mlflow_store)
+    assert run.info.status == "FINISHED" and run.data.tags["ltsearch.epochs"] == "2"
+    assert [m.step for m in MlflowClient(mlflow_store).get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
+    off = tmp_path / "off"
+    assert main(["train", "--set", "train.epochs=1", "tracking.enabled=false", "tracking.uri=sqlite:///" + str(tmp_path / "other.db"),
+                 "--out", str(off), "--quiet"]) == 0
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_train_goes_on_when_the_store_is_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--set", "train.epochs=1", f"tracking.uri=http://127.0.0.1:{_closed_port()}", "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert (out / "metrics.json").is_file()
+    assert captured.err.count("cannot reach") == 1 and "did not reach" in captured.err
+    assert "tracked in MLflow" not in captured.out
+
+
+def test_a_bad_tracking_value_is_exit_2_and_nothing_is_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--set", "tracking.uri=ftp://host/x", "--out", str(out)]) == 2
+    assert "tracking.uri" in capsys.readouterr().err and not out.exists()
