@@ -77,9 +77,13 @@ def write_text_to(text: str, uri: str) -> str:
 
 
 def read_text_from(uri: str) -> str:
+    return read_bytes_from(uri).decode()
+
+
+def read_bytes_from(uri: str) -> bytes:
     filesystem, path = _location(uri)
     with filesystem.open_input_stream(path) as stream:
-        return stream.read().decode()
+        return stream.read()
 
 
 def _column(values: list[Any]) -> pa.Array:

@@ -39,6 +39,10 @@ PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+#: stores this process already said it cannot reach
+_TOLD_AWAY: set[str] = set()
+
+
 @dataclass
 class _Write:
     description: str
@@ -161,10 +165,14 @@ class Tracker:
                 return "dropped"
             if self._away_since is None:
                 self._away_since = time.monotonic()
+                if self.uri in _TOLD_AWAY:  # one command may use several trackers (stream, then reconciliation): tell once
+                    return "retry"
+                _TOLD_AWAY.add(self.uri)
                 self._say(f"tracking: cannot reach {self.uri} ({_one_line(error)}); training goes on, and what cannot be "
                           f"logged now is kept and retried every {self.retry_s:g} s")
             return "retry"
         if self._away_since is not None:
+            _TOLD_AWAY.discard(self.uri)
             self._say(f"tracking: {self.uri} is reachable again after {time.monotonic() - self._away_since:.0f} s; sending what was kept")
             self._away_since = None
         return "done"

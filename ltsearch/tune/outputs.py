@@ -4,6 +4,7 @@ best.yaml and the summary printed at the end.
 
 from __future__ import annotations
 
+import ast
 import io
 import math
 import re
@@ -16,6 +17,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from ltsearch.config import dump_yaml
 from ltsearch.results import location_exists, read_text_from, write_table_to, write_text_to
+from ltsearch.tracking.record import CLASS_COUNTS
 from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, TRIALS_FILE, _join
 from ltsearch.tune.progress import _fmt
 from ltsearch.tune.settings import Sweep
@@ -85,6 +87,16 @@ def _epoch_rows(result: Any) -> list[dict[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
+    """Python scalars and lists (per-class accuracies) from what pandas and progress.csv hold."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return [_plain(v) for v in ast.literal_eval(value)]  # progress.csv writes lists as their repr
+        except (ValueError, SyntaxError):
+            return value
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     if hasattr(value, "item"):
         value = value.item()
     return None if isinstance(value, float) and math.isnan(value) else value
@@ -119,7 +131,7 @@ def _trial_row(trial_id: str, result: Any, rows: list[dict[str, Any]], plan: Tri
     for row in rows:
         if best is None or sweep.objective.better(row.get(sweep.objective.metric), best.get(sweep.objective.metric)):
             best = row
-    metric_keys = [k for k in (rows[-1] if rows else {}) if k not in (EPOCHS, "node_id", "epoch") and not k.startswith("best/")]
+    metric_keys = [k for k in (rows[-1] if rows else {}) if k not in (EPOCHS, "node_id", "epoch", CLASS_COUNTS) and not k.startswith("best/")]
     out: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs": epochs, "planned_epochs": planned,
                            "best_epoch": best.get("epoch") if best else None, "node_id": rows[-1].get("node_id") if rows else None,
                            "error": error_reason(result.error), "config": config}

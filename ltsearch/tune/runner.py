@@ -15,6 +15,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ltsearch.config import build_run_config
 from ltsearch.errors import ConfigError
 from ltsearch.results import location_exists, read_text_from, write_text_to
+from ltsearch.tracking.record import data_tags
+from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import SWEEP_FILE, TRIALS_FILE, _absolute, _join, _split
 from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, TUNE_DOMAINS, SchedulerContext
 from ltsearch.tune.outputs import SweepOutcome, finish
@@ -22,6 +24,7 @@ from ltsearch.tune.progress import ProgressTable
 from ltsearch.tune.session import _warn_if_storage_is_local, ray_session
 from ltsearch.tune.settings import Sweep, parse_sweep
 from ltsearch.tune.trainable import _plan, train_trial, trial_dirname
+from ltsearch.tune.tracking import SweepTracking, pinned_tracking, record_sweep
 
 
 def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None = None, callbacks: list[Any] | None = None,
@@ -37,14 +40,18 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
     stream = stream or sys.stdout
     with ray_session(address):
         _warn_if_storage_is_local(directory, stream)
-        write_text_to(yaml.safe_dump(sweep.raw, sort_keys=False), _join(directory, SWEEP_FILE))
+        saved = {**sweep.raw, TRACKING_SECTION: pinned_tracking(sweep)} if sweep.tracking.enabled else sweep.raw
+        write_text_to(yaml.safe_dump(saved, sort_keys=False), _join(directory, SWEEP_FILE))
         parent, name = _split(directory)
         progress = ProgressTable(sweep.space.keys, sweep.objective, sweep.max_epochs, progress_interval_s, stream)
         scheduler = SCHEDULERS.get(sweep.scheduler.name)
         population_based = bool(scheduler.meta.get("population_based"))  # PBT: random population, exploits others' checkpoints
         search_alg, param_space, num_samples = _search(sweep, random_population=population_based)
+        trainable, data_tags = _trainable(sweep, stream)
+        if sweep.tracking.enabled:
+            callbacks = [SweepTracking(sweep, directory, data_tags, population_based), *(callbacks or [])]
         tuner = tune.Tuner(
-            _trainable(sweep, stream),
+            trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=sweep.objective.metric, mode=sweep.objective.mode, search_alg=search_alg,
@@ -60,7 +67,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
               f"{sweep.search.sampler}, scheduler {sweep.scheduler.name}, metric {sweep.objective.metric} ({sweep.objective.mode}); "
               f"writing {directory}", file=stream, flush=True)
         grid = tuner.fit()
-    return finish(sweep, directory, grid, stream)
+    return _finish(sweep, directory, grid, data_tags, stream)
 
 
 def resume_sweep(directory: str, *, address: str | None = None, stream: Any = None) -> SweepOutcome:
@@ -77,14 +84,24 @@ def resume_sweep(directory: str, *, address: str | None = None, stream: Any = No
         if not tune.Tuner.can_restore(directory):
             raise ConfigError("--resume", directory, "a sweep whose experiment state Ray Tune saved (it stopped before its first trial started)",
                               hint="Start it again instead: `ltsearch tune FILE`.")
-        tuner = tune.Tuner.restore(directory, trainable=_trainable(sweep, stream), resume_unfinished=True, resume_errored=True)
+        trainable, data_tags = _trainable(sweep, stream)
+        tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True, resume_errored=True)
         print(f"ltsearch tune: resuming {directory}", file=stream, flush=True)
         grid = tuner.fit()
-    return finish(sweep, directory, grid, stream)
+    return _finish(sweep, directory, grid, data_tags, stream)
 
 
-def _trainable(sweep: Sweep, stream: Any) -> Any:
-    """train_trial bound to the plan and the dataset, each put in the object store once for all trials."""
+def _finish(sweep: Sweep, directory: str, grid: Any, data_tags: dict[str, str], stream: Any) -> SweepOutcome:
+    """The sweep's files first (they are the record), then MLflow from them, then how to browse it."""
+    outcome = finish(sweep, directory, grid, stream)
+    browse = record_sweep(sweep, directory, outcome, data_tags, stream)
+    if browse:
+        print(browse, file=stream, flush=True)
+    return outcome
+
+
+def _trainable(sweep: Sweep, stream: Any) -> tuple[Any, dict[str, str]]:
+    """(train_trial bound to the plan and the dataset, each put in the object store once for all trials; the data's tags)."""
     from ltsearch.data import build_dataset
 
     data = None
@@ -93,8 +110,9 @@ def _trainable(sweep: Sweep, stream: Any) -> Any:
     else:
         print("note: the space changes data.* keys, so every trial builds its own dataset", file=stream)
     resources = sweep.execution.resources
-    return tune.with_resources(tune.with_parameters(train_trial, plan=_plan(sweep), data=data),
-                               {"cpu": resources.cpu, "gpu": resources.gpu})
+    trainable = tune.with_resources(tune.with_parameters(train_trial, plan=_plan(sweep), data=data),
+                                    {"cpu": resources.cpu, "gpu": resources.gpu})
+    return trainable, data_tags(data.construction if data is not None else None)
 
 
 def _search(sweep: Sweep, *, random_population: bool) -> tuple[Any, dict | None, int]:

@@ -15,6 +15,7 @@ from ltsearch import _checks as check
 from ltsearch.config import RUN_SECTIONS, apply_overrides, build, read_yaml
 from ltsearch.errors import ConfigError
 from ltsearch.space import Point, SearchSpace, parse_space, validate_space
+from ltsearch.tracking.settings import SECTION as TRACKING_SECTION, TrackingConfig, parse_tracking
 from ltsearch.tune._names import _absolute, _join
 from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, SchedulerSpec, _importable, parse_scheduler, pbt_keys
 
@@ -111,7 +112,7 @@ class ExecutionConfig:
 
 EXECUTION_KEYS = ("name", "storage", "resources", "checkpoint", "max_failures")
 OBJECTIVE_KEYS = ("metric", "mode")
-SWEEP_KEYS = ("space", "search", "scheduler", *OBJECTIVE_KEYS, *EXECUTION_KEYS)
+SWEEP_KEYS = ("space", "search", "scheduler", *OBJECTIVE_KEYS, *EXECUTION_KEYS, TRACKING_SECTION)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Sweep:
     objective: Objective
     scheduler: SchedulerSpec
     execution: ExecutionConfig
+    tracking: TrackingConfig
     corners_checked: int
     max_epochs: int
 
@@ -139,8 +141,13 @@ class Sweep:
         """Whether one dataset serves every trial (not when the space changes `data.*`)."""
         return not any(key.startswith("data.") for key in self.space.keys)
 
+    @property
+    def name(self) -> str:
+        """`name:`, else the search file's stem: the sweep directory's prefix and the MLflow experiment."""
+        return self.execution.name or Path(self.source).stem
+
     def default_dir(self, now: float | None = None) -> str:
-        stem = self.execution.name or Path(self.source).stem
+        stem = self.name
         root = self.execution.storage or "runs"
         return _join(_absolute(root), f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
 
@@ -171,12 +178,13 @@ def _parse_sweep(raw: dict, source: str) -> Sweep:
     objective = build(Objective, {k: raw[k] for k in OBJECTIVE_KEYS if k in raw}, "")
     scheduler = parse_scheduler(raw.get("scheduler"))
     execution = build(ExecutionConfig, {k: raw[k] for k in EXECUTION_KEYS if k in raw}, "")
+    tracking = parse_tracking(raw.get(TRACKING_SECTION))
     cells = space.grid_cells(exhaustive=bool(SAMPLERS.get(search.sampler).meta.get("exhaustive")))
     checked = validate_space(space, base)
     if SCHEDULERS.get(scheduler.name).meta.get("population_based"):
         _check_population(scheduler, search, space)
     return Sweep(source=source, raw=raw, base=base, space=space, cells=tuple(cells), search=search, objective=objective,
-                 scheduler=scheduler, execution=execution, corners_checked=checked.corners, max_epochs=checked.max_epochs)
+                 scheduler=scheduler, execution=execution, tracking=tracking, corners_checked=checked.corners, max_epochs=checked.max_epochs)
 
 
 def _check_population(scheduler: SchedulerSpec, search: SearchConfig, space: SearchSpace) -> None:

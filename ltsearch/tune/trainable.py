@@ -13,6 +13,7 @@ from ray import tune
 
 from ltsearch.config import build_run_config
 from ltsearch.space import Point, apply_point
+from ltsearch.tracking.record import CLASS_COUNTS, PER_CLASS
 from ltsearch.tune._names import EPOCHS
 from ltsearch.tune.settings import Objective, Sweep
 
@@ -56,12 +57,14 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
     for row in trainer.history:  # a restored run already has its earlier epochs
         best = row.get(objective.metric) if objective.better(row.get(objective.metric), best) else best
     node = ray.get_runtime_context().get_node_id()
+    counts = trainer.class_counts.tolist()
     epochs = run_config.train.epochs
     for result in trainer.run():
         metrics = result.scalars()
+        per_class = {PER_CLASS: result.metrics.get(PER_CLASS), CLASS_COUNTS: counts}  # the tracked per-class plot
         value = metrics.get(objective.metric)
         best = value if objective.better(value, best) else best
-        metrics.update({EPOCHS: result.epoch + 1, f"best/{objective.metric}": best, "node_id": node})
+        metrics.update({EPOCHS: result.epoch + 1, f"best/{objective.metric}": best, "node_id": node, **per_class})
         if (result.epoch + 1) % plan.checkpoint_every == 0 or result.epoch + 1 == epochs:
             with tempfile.TemporaryDirectory(prefix="ltsearch-ckpt-") as directory:
                 result.save_checkpoint(directory)

@@ -1,0 +1,151 @@
+"""A sweep in MLflow, from the driver: one parent run, one child run per trial.
+
+Two writers, one vocabulary (tracking/record.py):
+- `SweepTracking`, a Ray Tune callback, streams each trial's epochs to its child run as results arrive
+  and marks a trial FINISHED or FAILED when Tune says it ended. Nothing is logged from inside trials,
+  so workers never need MLflow, credentials or network access to the store.
+- `record_sweep`, run after `finish()` has collected the sweep's own files, writes what only the end
+  knows (best-val summaries, the selected epoch, `stopped_early`, per-class plots, the parent's files
+  and search plot) and anything the stream missed: a store that was away, a driver that was killed.
+  Runs are found by their tags and steps are never written twice, so this is safe to repeat, and a
+  resumed sweep continues its parent and child runs instead of duplicating them.
+
+PBT changes a trial's hyperparameters mid-run; MLflow params cannot change, so the values a trial
+runs with are also logged per epoch as `hp/<key>` metrics under population-based schedulers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from ltsearch.config import to_dict
+from ltsearch.tracking import record
+from ltsearch.tracking import settings as contract
+from ltsearch.tracking.record import PARENT, RunRecorder
+from ltsearch.tracking.settings import TrackingConfig
+from ltsearch.results import location_exists, read_bytes_from
+from ltsearch.tune._names import BEST_FILE, SWEEP_FILE, TRIALS_FILE, _join
+from ltsearch.tune.outputs import SweepOutcome, error_reason
+from ltsearch.tune.settings import Sweep
+from ltsearch.tune.trainable import TrialPlan, _plan, trial_run_config
+
+TRIAL_KIND = "trial"
+SWEEP_KIND = "sweep"
+
+
+class SweepTracking(tune.Callback):
+    """Ray Tune callback on the driver; picklable (Tune saves it with the experiment that `--resume` restores)."""
+
+    def __init__(self, sweep: Sweep, directory: str, data_tags: dict[str, str], population_based: bool):
+        self.settings, self.experiment, self.directory = sweep.tracking, sweep.name, directory
+        self.metric, self.mode, self.keys = sweep.objective.metric, sweep.objective.mode, list(sweep.space.keys)
+        self.parent_params, self.parent_tags = parent_params(sweep), {**sweep_tags(sweep), **data_tags}
+        self.plan, self.population_based = _plan(sweep), population_based
+        self.recorder: RunRecorder | None = None
+        self.opened: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "recorder": None, "opened": set()}  # the writer thread belongs to one driver process
+
+    def setup(self, **info: Any) -> None:
+        tracker = record.start(self.settings, self.experiment)
+        if tracker is not None:
+            self.recorder = RunRecorder(tracker, self.directory, self.metric, self.mode)
+            self.recorder.open_parent(SWEEP_KIND, self.directory.rstrip("/").rsplit("/", 1)[-1], self.parent_params, self.parent_tags)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._open(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.recorder is None:
+            return
+        self._open(trial)
+        extra = {f"hp/{k}": v for k, v in trial.config.items() if k in self.keys} if self.population_based else None
+        self.recorder.epoch(trial.trial_id, result, extra)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.recorder is not None:
+            self._open(trial)
+            self.recorder.tracker.close_run(trial.trial_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.recorder is not None:
+            self._open(trial)
+            self.recorder.failed(trial.trial_id, error_reason(trial.get_error()))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Hand over to `record_sweep`: what could not be written here is written (or listed) there."""
+        if self.recorder is not None:
+            self.recorder.tracker.close(timeout_s=30.0)
+            self.recorder = None
+
+    def _open(self, trial: Any) -> None:
+        if self.recorder is not None and trial.trial_id not in self.opened:
+            config = to_dict(trial_run_config(self.plan, trial.config), active_only=True)
+            self.recorder.open_child(trial.trial_id, TRIAL_KIND, config, _point(trial.config, self.keys))
+            self.opened.add(trial.trial_id)
+
+
+def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags: dict[str, str], stream: Any) -> str | None:
+    """Write the sweep's final state to MLflow from its own files; returns how to open it (None if not tracked)."""
+    tracker = record.start(sweep.tracking, sweep.name, stream=stream)
+    if tracker is None:
+        return None
+    recorder = RunRecorder(tracker, directory, sweep.objective.metric, sweep.objective.mode)
+    recorder.open_parent(SWEEP_KIND, directory.rstrip("/").rsplit("/", 1)[-1], parent_params(sweep), {**sweep_tags(sweep), **data_tags})
+    plan, keys = _plan(sweep), list(sweep.space.keys)
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for row in outcome.history:
+        by_trial.setdefault(row["trial_id"], []).append(row)
+    for trial in outcome.trials:
+        _record_trial(recorder, plan, keys, trial, by_trial.get(trial["trial_id"], []))
+    status = "FINISHED" if outcome.finished else "KILLED"
+    recorder.summarize_parent(status, outcome.trials, keys, _parent_files(sweep, directory) if outcome.finished else {})
+    parent_id = tracker.run_id(PARENT)
+    unwritten = record.finish(tracker, stream=stream)
+    if unwritten or parent_id is None:
+        return None
+    return f"tracked in MLflow ({tracker.uri}, experiment '{tracker.experiment_name}', parent run {parent_id}); browse with: ltsearch ui"
+
+
+def _record_trial(recorder: RunRecorder, plan: TrialPlan, keys: list[str], trial: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    config = trial_run_config(plan, trial["config"])
+    recorder.open_child(trial["trial_id"], TRIAL_KIND, to_dict(config, active_only=True), _point(trial["config"], keys), reopen=False)
+    recorder.epochs(trial["trial_id"], rows)
+    files = {"config.yaml": record.yaml_bytes(to_dict(config))}
+    recorder.summarize(trial["trial_id"], trial["status"], rows, planned_epochs=trial["planned_epochs"], error=trial.get("error"),
+                       title=record.run_name(to_dict(config), _point(trial["config"], keys)), files=files)
+
+
+def _parent_files(sweep: Sweep, directory: str) -> dict[str, bytes]:
+    """The launching YAML as given and as resolved, the trials table and best.yaml, read back from the sweep directory."""
+    files: dict[str, bytes] = {}
+    for name in (SWEEP_FILE, TRIALS_FILE, BEST_FILE):
+        location = _join(directory, name)
+        if location_exists(location):
+            files[name] = read_bytes_from(location)
+    return files
+
+
+def parent_params(sweep: Sweep) -> dict[str, Any]:
+    """The launching YAML (its run-config part and search keys), flattened; `tracking:` says where, not what."""
+    return {key: value for key, value in sweep.raw.items() if key != contract.SECTION}
+
+
+def sweep_tags(sweep: Sweep) -> dict[str, str]:
+    return {"ltsearch.source": sweep.source, "ltsearch.sampler": sweep.search.sampler, "ltsearch.scheduler": sweep.scheduler.name,
+            "ltsearch.num_trials": str(sweep.num_trials), "ltsearch.max_epochs": str(sweep.max_epochs),
+            "ltsearch.space": ", ".join(sweep.space.keys)}
+
+
+def _point(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    return {key: config[key] for key in keys if key in config}
+
+
+def pinned_tracking(sweep: Sweep) -> dict[str, Any]:
+    """The `tracking:` section saved in sweep.yaml: the resolved store and experiment, so `--resume` logs to the same runs."""
+    settings: TrackingConfig = sweep.tracking
+    return {"enabled": settings.enabled, "uri": settings.resolved_uri(), "experiment": settings.experiment or sweep.name,
+            "artifacts": settings.artifacts}
