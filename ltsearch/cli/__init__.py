@@ -7,9 +7,10 @@ import argparse
 import importlib
 import sys
 
+from ltsearch.cli._common import expand_overrides
 from ltsearch.errors import LtsearchError, TrainingDiverged
 
-SUBCOMMANDS = ("train", "data", "tune", "check")
+SUBCOMMANDS = ("train", "data", "tune", "check", "ui", "runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_overrides(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.handler(args) or 0)
     except TrainingDiverged as error:

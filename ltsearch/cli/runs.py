@@ -1,0 +1,126 @@
+"""`ltsearch runs [NAME|DIR] [--set tracking.uri=...] [--limit N]`: what the store holds, in the terminal.
+
+Without an argument: the newest sweeps, ablations and train runs, each with its trial counts by status and
+its best trial. With a sweep directory, an experiment name or a run name: that sweep's trials, best first
+by its objective, with the searched params (those that differ between trials) beside the scores.
+Epochs are printed from 1, as everywhere else; the store keeps them 0-indexed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ltsearch.cli._common import add_overrides
+from ltsearch.tracking import browse
+from ltsearch.tracking.browse import TopRun
+
+DEFAULT_LIMIT = 20
+ERROR_WIDTH = 80
+STATUS_ORDER = ("FINISHED", "RUNNING", "SCHEDULED", "FAILED", "KILLED")
+CHILD_NOUN = {"sweep": "trial", "ablation": "cell"}  # the parent kinds and what their children are called
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("runs", help="list the sweeps, ablations and train runs in the MLflow store, or one sweep's trials")
+    parser.add_argument("target", nargs="?", metavar="NAME|DIR",
+                        help="a sweep directory, an experiment name or a run name: list that sweep's trials, best first")
+    add_overrides(parser)
+    parser.add_argument("--config", metavar="FILE", help="read the store's location from FILE's tracking: section (default: sqlite:///mlruns.db)")
+    parser.add_argument("--limit", type=positive_int, default=DEFAULT_LIMIT, help=f"how many runs to list (default {DEFAULT_LIMIT})")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = browse.load_settings(args.config, args.overrides)
+    client = browse.open_client(settings)
+    if args.target is None:
+        runs = browse.latest(client, limit=args.limit)
+        if not runs:
+            print(f"no sweeps, ablations or train runs in {settings.resolved_uri()}. {browse.CREATE_HINT}")
+            return 0
+        print(overview(runs))
+        return 0
+    top, siblings = browse.find(client, args.target)
+    print(detail(top, siblings, args.limit))
+    return 0
+
+
+def overview(runs: list[TopRun]) -> str:
+    """One row per top-level run, newest first."""
+    rows = [[top.kind, top.name, top.experiment, top.status, f"{top.started:%Y-%m-%d %H:%M}", _counts(top) if top.kind != "train" else "-",
+             top.best.name if top.best else "-", _score(top.objective, top.metric), _number(top.test_top1), _path(top.dir)]
+            for top in runs]
+    return table(["KIND", "NAME", "EXPERIMENT", "STATUS", "STARTED", "CHILDREN", "BEST", "OBJECTIVE", "TEST/TOP1", "DIR"], rows)
+
+
+def detail(top: TopRun, siblings: int, limit: int) -> str:
+    """A header line for the run, then its children best first (at most `limit`)."""
+    where = f"experiment {top.experiment}, {top.status}, started {top.started:%Y-%m-%d %H:%M}" + (f", dir {_path(top.dir)}" if top.dir else "")
+    lines = [f"{top.kind} {top.name} ({where})"]
+    if siblings > 1:
+        lines.append(f"the newest of {siblings} runs in experiment {top.experiment}; name another by its run name or directory "
+                     "(`ltsearch runs` lists them)")
+    if top.kind not in CHILD_NOUN:
+        lines.append(f"a single run: best/{top.metric} {_number(top.objective)}, best/test/top1 {_number(top.test_top1)}")
+        return "\n".join(lines)
+    noun, count = CHILD_NOUN[top.kind], len(top.children)
+    if not count:
+        lines.append(f"no {noun}s logged yet")
+        return "\n".join(lines)
+    shown = top.children[:limit]
+    lines.append(f"{count} {noun}{'s' if count != 1 else ''} ({_counts(top)}), sorted by best/{top.metric}, "
+                 f"{'lowest' if top.mode == 'min' else 'highest'} first" + (f"; the first {limit} shown (--limit)" if len(shown) < count else ""))
+    params = browse.varying_params(top.children)
+    headers = ["#", "NAME", "STATUS", f"best/{top.metric}", "best/test/top1", "EPOCHS", "SELECTED", "STOPPED", *params, "ERROR"]
+    rows = [[str(rank), child.name, child.status, _number(child.objective), _number(child.test_top1), _number(child.epochs),
+             _number(None if child.selected_epoch is None else child.selected_epoch + 1), "early" if child.stopped_early else "",
+             *[child.params.get(key, "-") for key in params], _clip(child.error or "")]
+            for rank, child in enumerate(shown, start=1)]
+    lines.append(table(headers, rows))
+    return "\n".join(lines)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart; trailing blanks stripped so empty last columns cost nothing."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [headers, *rows])
+
+
+def _counts(top: TopRun) -> str:
+    """'2 finished, 1 failed': the order a reader scans for (what worked, then what did not)."""
+    counts = top.status_counts()
+    order = sorted(counts, key=lambda status: (STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER), status))
+    return ", ".join(f"{counts[status]} {status.lower()}" for status in order) if counts else "none"
+
+
+def _score(value: float | None, metric: str) -> str:
+    return "-" if value is None else f"{metric} {value:.2f}"
+
+
+def _number(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.2f}"
+
+
+def _path(directory: str | None) -> str:
+    """A directory under the working directory is shown relative to it (shorter, and what the user typed)."""
+    if not directory:
+        return "-"
+    if "://" in directory:
+        return directory
+    relative = os.path.relpath(directory)
+    return relative if not relative.startswith("..") else str(Path(directory))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 1] + "…"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
