@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+from mlflow.tracking import MlflowClient
 from ray import tune
 
 from ltsearch.cli import main
@@ -238,13 +239,21 @@ def test_a_failed_trial_resumes_from_its_last_checkpoint(ray_runtime, tmp_path):
 
 
 @pytest.mark.slow
-def test_pbt_perturbs_within_the_space(ray_runtime, tmp_path):
+def test_pbt_perturbs_within_the_space(ray_runtime, tmp_path, mlflow_store):
     outcome, _ = sweep(tmp_path, QUICKSTART, *TINY, "train.epochs=4", "search.sampler=random", "search.num_samples=4",
                        "space.loss.ldam.max_m=null", "space.loss.name={choice: [ce]}",
                        "scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5, resample_probability: 0.5}")
     assert outcome.finished and all(t["epochs"] == 4 for t in outcome.trials)
     assert list(Path(outcome.directory).glob("pbt_policy_*.txt")), "PBT never exploited a trial"
     assert all(0.01 <= t["optim.lr"] <= 0.3 and 1e-5 <= t["optim.weight_decay"] <= 1e-2 for t in outcome.trials)
+    client = MlflowClient(mlflow_store)  # params cannot change in MLflow: the values each epoch ran with are hp/ metrics
+    children = [r for r in client.search_runs([client.get_experiment_by_name("quickstart").experiment_id]) if r.data.tags["ltsearch.kind"] == "trial"]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    for run in children:
+        lrs = client.get_metric_history(run.info.run_id, "hp/optim.lr")
+        steps = [m.step for m in lrs]  # an exploit may continue another trial's checkpoint: epochs can repeat or jump, never twice logged
+        assert len(steps) == len(set(steps)) and 3 in steps and set(steps) <= {0, 1, 2, 3}
+        assert all(0.01 <= m.value <= 0.3 for m in lrs)
 
 
 # ----------------------------------------------------------------------- every shipped file on digits

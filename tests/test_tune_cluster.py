@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from ltsearch.results import read_table
 
@@ -106,6 +107,21 @@ def test_a_killed_sweep_resumes_with_every_trial_accounted_for_once(tmp_path):
     history = read_table(directory / "history.parquet")
     assert len(history) == trials * epochs
     assert "best trial" in resumed.stdout
+    assert_resumed_store_has_one_run_each(env["MLFLOW_TRACKING_URI"], {r["trial_id"] for r in rows}, epochs)
+
+
+def assert_resumed_store_has_one_run_each(uri: str, trial_ids: set[str], epochs: int) -> None:
+    """The resumed sweep continued the runs the killed driver created: one parent, one child per trial, none RUNNING,
+    and every epoch logged exactly once."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED"] * (len(trial_ids) + 1)
+    (parent,) = [r for r in runs if r.data.tags["ltsearch.kind"] == "sweep"]
+    children = [r for r in runs if r.data.tags["ltsearch.kind"] == "trial"]
+    assert sorted(r.data.tags["ltsearch.trial_id"] for r in children) == sorted(trial_ids)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    for run in children:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(epochs))
 
 
 def free_port() -> int:

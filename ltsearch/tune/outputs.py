@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas
-from ray.tune.result import AUTO_RESULT_KEYS
 
 from ltsearch.config import dump_yaml
 from ltsearch.results import location_exists, read_text_from, write_table_to, write_text_to
 from ltsearch.tracking.record import CLASS_COUNTS
 from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, TRIALS_FILE, _join
+from ltsearch.tune.epochlog import RAY_KEYS, read_epoch_log
 from ltsearch.tune.progress import _fmt
 from ltsearch.tune.settings import Sweep
 from ltsearch.tune.trainable import TrialPlan, _plan, trial_run_config
@@ -35,17 +35,14 @@ class SweepOutcome:
     finished: bool
 
 
-#: keys Ray adds to every result; the rest is what train_trial reported
-RAY_KEYS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
-
-
 def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome:
     """Collect every trial from storage; if all finished, write trials.parquet, history.parquet and best.yaml."""
     plan = _plan(sweep)
     trials, history = [], []
+    logged = read_epoch_log(directory, EPOCHS)
     for result in grid:
-        trial_rows = _epoch_rows(result)
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        trial_id = Path(result.path).name.removeprefix("trial_")  # not metrics["trial_id"]: a PBT exploit reports the donor's id
+        trial_rows = logged.get(trial_id) or _epoch_rows(result)
         history.extend({"trial_id": trial_id, **row} for row in trial_rows)
         trials.append(_trial_row(trial_id, result, trial_rows, plan, sweep))
     finished = len(trials) == sweep.num_trials and all(t["status"] != "unfinished" for t in trials)

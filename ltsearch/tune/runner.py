@@ -19,6 +19,7 @@ from ltsearch.tracking.record import data_tags
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import SWEEP_FILE, TRIALS_FILE, _absolute, _join, _split
 from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, TUNE_DOMAINS, SchedulerContext
+from ltsearch.tune.epochlog import EpochLog
 from ltsearch.tune.outputs import SweepOutcome, finish
 from ltsearch.tune.progress import ProgressTable
 from ltsearch.tune.session import _warn_if_storage_is_local, ray_session
@@ -48,8 +49,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
         population_based = bool(scheduler.meta.get("population_based"))  # PBT: random population, exploits others' checkpoints
         search_alg, param_space, num_samples = _search(sweep, random_population=population_based)
         trainable, data_tags = _trainable(sweep, stream)
-        if sweep.tracking.enabled:
-            callbacks = [SweepTracking(sweep, directory, data_tags, population_based), *(callbacks or [])]
+        ours = [EpochLog(directory)] + ([SweepTracking(sweep, directory, data_tags, population_based)] if sweep.tracking.enabled else [])
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -59,7 +59,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
                 num_samples=num_samples, max_concurrent_trials=sweep.search.max_concurrent,
                 reuse_actors=True, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
-                name=name, storage_path=parent, callbacks=[progress, *(callbacks or [])], verbose=0,
+                name=name, storage_path=parent, callbacks=[progress, *ours, *(callbacks or [])], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=sweep.execution.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if population_based else sweep.execution.checkpoint.keep)),
         )
