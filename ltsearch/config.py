@@ -502,9 +502,11 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The one entry point for a run config: YAML file (optional) + `--set` overrides -> validated tree."""
-    raw = read_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, overrides)
-    return build_run_config(raw, source=str(path) if path is not None else None)
+    from ltsearch.tracking.settings import split_tracking  # a run file may say where it is tracked; that is not the run
+
+    source = str(path) if path is not None else None
+    raw, _ = split_tracking(apply_overrides(read_yaml(path) if path is not None else {}, overrides), source=source)
+    return build_run_config(raw, source=source)
 
 
 def dump_yaml(config: RunConfig) -> str:

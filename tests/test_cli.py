@@ -93,3 +93,12 @@ def test_digits_default_trains_to_plausible_accuracy(tmp_path: Path, config: str
     best = json.loads((tmp_path / "run" / "metrics.json").read_text())["best"]
     assert best["test/bacc"] > floor
     assert best["test/few"] is not None
+
+
+def test_several_overrides_follow_one_set_and_positionals_may_follow_them() -> None:
+    from ltsearch.cli._common import expand_overrides
+
+    assert expand_overrides(["runs", "--set", "tracking.uri=x", "a.b=1", "NAME"]) == ["runs", "--set", "tracking.uri=x", "--set", "a.b=1", "NAME"]
+    assert expand_overrides(["tune", "f.yaml", "--set", "a=1", "b={x: 1}", "--out", "d", "--set", "c=2"]) == \
+        ["tune", "f.yaml", "--set", "a=1", "--set", "b={x: 1}", "--out", "d", "--set", "c=2"]
+    assert expand_overrides(["train", "--set", "bad", "f.yaml"]) == ["train", "--set", "bad", "f.yaml"]  # reported as a bad override

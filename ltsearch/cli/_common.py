@@ -6,6 +6,27 @@ import argparse
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. --set optim.lr=0.05 train.epochs=3 (several after one --set, or "
                              "--set repeated; values are YAML scalars or lists)")
+
+
+def expand_overrides(argv: list[str]) -> list[str]:
+    """`--set a=1 b=2 FILE` -> `--set a=1 --set b=2 FILE`: several overrides after one --set, as Hydra users type them.
+
+    The run of KEY=VALUE words ends at the first word without '=' (a file, a name) or starting with '-', so
+    positional arguments may still follow. The first word after --set is always its value, so a malformed
+    override is reported as one (argparse would otherwise call it an unrecognised argument).
+    """
+    out: list[str] = []
+    expecting_value = in_run = False
+    for word in argv:
+        if expecting_value:
+            out.append(word)
+            expecting_value, in_run = False, True
+        elif in_run and "=" in word and not word.startswith("-"):
+            out += ["--set", word]
+        else:
+            out.append(word)
+            in_run, expecting_value = False, word == "--set"
+    return out

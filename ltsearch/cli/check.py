@@ -8,10 +8,12 @@ against the backbone, and the trial count, the epoch budget and the space are pr
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ltsearch.cli._common import add_overrides
 from ltsearch.config import apply_overrides, build_run_config, read_yaml
+from ltsearch.tracking.settings import TrackingConfig, split_tracking
 
 if TYPE_CHECKING:
     from ltsearch.tune import Sweep
@@ -29,11 +31,13 @@ def run(args: argparse.Namespace) -> int:
     if "space" not in raw:
         from ltsearch.engine import check_compatible
 
+        raw, tracking = split_tracking(raw, source=args.file)
         config = build_run_config(raw, source=args.file)
         check_compatible(config)
         print(f"{args.file}: a valid run config: 1 run of {config.train.epochs} epochs "
               f"({config.data.name}, {config.model.name}, loss {config.loss.name}, augmenter {config.augmenter.name}); "
               f"run it with `ltsearch train {args.file}`")
+        print(describe_tracking(tracking, Path(args.file).stem))
         return 0
     from ltsearch.tune import parse_sweep
 
@@ -56,6 +60,7 @@ def describe(sweep: "Sweep") -> str:
         f"resources per trial: {execution.resources.cpu:g} cpu, {execution.resources.gpu:g} gpu; "
         f"checkpoint every {execution.checkpoint.every} epoch(s); retries {execution.max_failures}",
         f"sweep directory: {(execution.storage or 'runs').rstrip('/')}/{execution.name or sweep.source.rsplit('/', 1)[-1].rsplit('.', 1)[0]}-<time>",
+        describe_tracking(sweep.tracking, sweep.name),
         "space:",
     ]
     rows = sweep.space.describe()
@@ -63,3 +68,9 @@ def describe(sweep: "Sweep") -> str:
     dist_width = max(len(dist) for _, dist, _ in rows)
     lines += [f"  {key.ljust(width)}  {dist.ljust(dist_width)}  {condition}".rstrip() for key, dist, condition in rows]
     return "\n".join(lines)
+
+
+def describe_tracking(tracking: TrackingConfig, experiment: str) -> str:
+    if not tracking.enabled:
+        return "tracking: off (tracking.enabled: false)"
+    return f"tracking: MLflow at {tracking.resolved_uri()}, experiment '{tracking.experiment or experiment}'"
