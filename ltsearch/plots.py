@@ -62,7 +62,7 @@ def per_class_plot(per_class: Sequence[float | None], class_counts: Sequence[int
     twin.plot(positions, counts, color="#dd8452", marker="." if len(order) <= 50 else None)
     twin.set_yscale("log")
     twin.set_ylabel("training images", color="#dd8452")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9)
     return _png(figure)
 
 

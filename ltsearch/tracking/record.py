@@ -146,7 +146,8 @@ class RunRecorder:
         self.tracker.set_tags(key, tags)
         if best is not None:
             self.tracker.log_summary(key, int(best["epoch"]), summary_metrics(best))
-            plot = _class_plot(best, f"{title}: {self.metric} {best.get(self.metric, float('nan')):.2f} at epoch {int(best['epoch']) + 1}")
+            plot = _class_plot(best, f"{title}\n{self.metric} {best.get(self.metric, float('nan')):.2f} at epoch {int(best['epoch']) + 1} "
+                                     f"(selected on validation); test/top1 {best.get('test/top1', float('nan')):.2f}")
             if plot is not None:
                 self.tracker.log_artifact(key, "per_class_accuracy.png", plot)
         for name, content in (files or {}).items():

@@ -238,16 +238,21 @@ def group_pids(group: int) -> list[int]:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, systemd, a CI runner) stops the UI exactly as Ctrl-C does, through the same cleanup."""
+    """SIGTERM (`kill`, systemd, a CI runner) and SIGINT stop the UI through the same cleanup.
+
+    SIGINT is installed explicitly too: a process started in the background by a non-interactive shell
+    inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt for it.
+    """
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def health_url(host: str, port: int) -> str:
