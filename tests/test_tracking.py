@@ -148,3 +148,41 @@ def test_a_bad_tracking_value_is_exit_2_and_nothing_is_written(tmp_path: Path, c
     out = tmp_path / "run"
     assert main(["train", "--set", "tracking.uri=ftp://host/x", "--out", str(out)]) == 2
     assert "tracking.uri" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_writes_queued_while_the_server_is_down_arrive_when_it_is_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A real `mlflow server` stopped mid-run and started again: nothing logged in between is lost."""
+    from ltsearch.tracking import server
+
+    port = _closed_port()
+    store = TrackingConfig(uri=f"sqlite:///{tmp_path / 'store.db'}")
+    command = server.server_command(store, server.LOOPBACK, port)
+    health = server.health_url(server.LOOPBACK, port)
+    first = server.MlflowServer(command, health)
+    first.start()
+    try:
+        first.wait_ready()
+        tracker = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{port}"), "exp", retry_s=0.5)
+        tracker.open_run("run", name="r", find={"ltsearch.kind": "train"})
+        tracker.log_metrics("run", 0, {"train/loss": 1.0})
+        assert tracker.flush(60)
+    finally:
+        first.stop()
+    for epoch in (1, 2, 3):  # the server is down: queued, retried, training is not held up
+        tracker.log_metrics("run", epoch, {"train/loss": 1.0 / (epoch + 1)})
+    tracker.close_run("run", "FINISHED")
+    assert not tracker.flush(2.0)
+    second = server.MlflowServer(command, health)
+    second.start()
+    try:
+        second.wait_ready()
+        assert record.finish(tracker, timeout_s=60) == []
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2, 3]
+    finally:
+        second.stop()
+    err = capsys.readouterr().err
+    assert err.count("cannot reach") == 1 and "reachable again" in err

@@ -113,8 +113,8 @@ class RunRecorder:
                               tags={contract.TAG_METRIC: self.metric, contract.TAG_MODE: self.mode, **provenance_tags(), **tags})
 
     def open_child(self, key: str, kind: str, config: dict[str, Any], point: dict[str, Any], tags: dict[str, str] | None = None,
-                   reopen: bool = True) -> None:
-        self.tracker.open_run(key, name=run_name(config, point), parent=PARENT, reopen=reopen,
+                   reopen: bool = True, name: str | None = None) -> None:
+        self.tracker.open_run(key, name=name or run_name(config, point), parent=PARENT, reopen=reopen,
                               find={contract.TAG_KIND: kind, contract.TAG_TRIAL: key}, params=flatten(config),
                               tags={contract.TAG_METRIC: self.metric, contract.TAG_MODE: self.mode, **(tags or {})})
 
@@ -146,10 +146,9 @@ class RunRecorder:
         self.tracker.set_tags(key, tags)
         if best is not None:
             self.tracker.log_summary(key, int(best["epoch"]), summary_metrics(best))
-            plot = _class_plot(best, f"{title}\n{self.metric} {best.get(self.metric, float('nan')):.2f} at epoch {int(best['epoch']) + 1} "
-                                     f"(selected on validation); test/top1 {best.get('test/top1', float('nan')):.2f}")
-            if plot is not None:
-                self.tracker.log_artifact(key, "per_class_accuracy.png", plot)
+            heading = (f"{title}\n{self.metric} {best.get(self.metric, float('nan')):.2f} at epoch {int(best['epoch']) + 1} "
+                       f"(selected on validation); test/top1 {best.get('test/top1', float('nan')):.2f}")
+            self.tracker.log_artifact(key, "per_class_accuracy.png", lambda: _class_plot(best, heading))
         for name, content in (files or {}).items():
             self.tracker.log_artifact(key, name, content)
         self.tracker.close_run(key, STATUS[status])
@@ -166,7 +165,7 @@ class RunRecorder:
             best = max(scored, key=lambda row: sign * row[f"best/{self.metric}"])
             tags["ltsearch.best_trial"] = best["trial_id"]
             self.tracker.log_summary(PARENT, 0, {k: float(v) for k, v in best.items() if k.startswith("best/") and _finite_number(v)})
-            self.tracker.log_artifact(PARENT, "search_plot.png", search_plot(trials, keys, self.metric))
+            self.tracker.log_artifact(PARENT, "search_plot.png", lambda: search_plot(trials, keys, self.metric))
         self.tracker.set_tags(PARENT, tags)
         for name, content in files.items():
             self.tracker.log_artifact(PARENT, name, content)

@@ -99,9 +99,15 @@ class Tracker:
         if tags:
             self._put(f"tags of {key}", lambda: self._batch(key, tags=tags))
 
-    def log_artifact(self, key: str, name: str, content: bytes) -> None:
-        """Queue a file's bytes (copied now, so the caller may delete its file at once)."""
-        self._put(f"artifact {name} of {key}", lambda: self._artifact(key, name, content))
+    def log_artifact(self, key: str, name: str, content: bytes | Callable[[], bytes | None]) -> None:
+        """Queue a file's bytes (copied now, so the caller may delete its file at once), or a function that
+        renders them: a plot is then drawn on the writer thread, not on the caller's (the Tune event loop)."""
+        self._put(f"artifact {name} of {key}", lambda: self._artifact(key, name, content() if callable(content) else content))
+
+    def log_table(self, key: str, name: str, rows: list[dict[str, Any]]) -> None:
+        """A table artifact MLflow's UI can show and compare across runs (`MlflowClient.log_table`)."""
+        if rows:
+            self._put(f"table {name} of {key}", lambda: self._table(key, name, rows))
 
     def close_run(self, key: str, status: str) -> None:
         self._put(f"status {status} of {key}", lambda: self._client_call().set_terminated(self._run(key), status=status))
@@ -264,7 +270,14 @@ class Tracker:
         if tag_list:
             client.log_batch(run_id, tags=tag_list, synchronous=True)
 
-    def _artifact(self, key: str, name: str, content: bytes) -> None:
+    def _table(self, key: str, name: str, rows: list[dict[str, Any]]) -> None:
+        import pandas
+
+        self._client_call().log_table(self._run(key), data=pandas.DataFrame(rows), artifact_file=name)
+
+    def _artifact(self, key: str, name: str, content: bytes | None) -> None:
+        if content is None:
+            return
         with tempfile.TemporaryDirectory(prefix="ltsearch-artifact-") as directory:
             path = Path(directory) / name
             path.write_bytes(content)

@@ -49,7 +49,8 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
         population_based = bool(scheduler.meta.get("population_based"))  # PBT: random population, exploits others' checkpoints
         search_alg, param_space, num_samples = _search(sweep, random_population=population_based)
         trainable, data_tags = _trainable(sweep, stream)
-        ours = [EpochLog(directory)] + ([SweepTracking(sweep, directory, data_tags, population_based)] if sweep.tracking.enabled else [])
+        live = SweepTracking(sweep, directory, data_tags, population_based) if sweep.tracking.enabled else None
+        ours = [EpochLog(directory)] + ([live] if live is not None else [])
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -67,7 +68,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
               f"{sweep.search.sampler}, scheduler {sweep.scheduler.name}, metric {sweep.objective.metric} ({sweep.objective.mode}); "
               f"writing {directory}", file=stream, flush=True)
         grid = tuner.fit()
-    return _finish(sweep, directory, grid, data_tags, stream)
+    return _finish(sweep, directory, grid, data_tags, stream, live)
 
 
 def resume_sweep(directory: str, *, address: str | None = None, stream: Any = None) -> SweepOutcome:
@@ -91,10 +92,15 @@ def resume_sweep(directory: str, *, address: str | None = None, stream: Any = No
     return _finish(sweep, directory, grid, data_tags, stream)
 
 
-def _finish(sweep: Sweep, directory: str, grid: Any, data_tags: dict[str, str], stream: Any) -> SweepOutcome:
-    """The sweep's files first (they are the record), then MLflow from them, then how to browse it."""
+def _finish(sweep: Sweep, directory: str, grid: Any, data_tags: dict[str, str], stream: Any,
+            live: SweepTracking | None = None) -> SweepOutcome:
+    """The sweep's files first (they are the record), then MLflow from them, then how to browse it.
+
+    A resumed sweep's callback was restored by Tune from its saved state, so no `live` writer is at hand
+    there and the store is reconciled from the files alone.
+    """
     outcome = finish(sweep, directory, grid, stream)
-    browse = record_sweep(sweep, directory, outcome, data_tags, stream)
+    browse = record_sweep(sweep, directory, outcome, data_tags, stream, live)
     if browse:
         print(browse, file=stream, flush=True)
     return outcome

@@ -26,7 +26,8 @@ from ltsearch.tracking import settings as contract
 from ltsearch.tracking.record import PARENT, RunRecorder
 from ltsearch.tracking.settings import TrackingConfig
 from ltsearch.results import location_exists, read_bytes_from
-from ltsearch.tune._names import BEST_FILE, SWEEP_FILE, TRIALS_FILE, _join
+from ltsearch.tune._names import BEST_FILE, EPOCHS, SWEEP_FILE, TRIALS_FILE, _join
+from ltsearch.tune.epochlog import RAY_KEYS
 from ltsearch.tune.outputs import SweepOutcome, error_reason
 from ltsearch.tune.settings import Sweep
 from ltsearch.tune.trainable import TrialPlan, _plan, trial_run_config
@@ -45,9 +46,11 @@ class SweepTracking(tune.Callback):
         self.plan, self.population_based = _plan(sweep), population_based
         self.recorder: RunRecorder | None = None
         self.opened: set[str] = set()
+        self.rows: dict[str, list[dict[str, Any]]] = {}  # what each trial reported, for its summary when it ends
+        self.summarized: dict[str, str] = {}  # trial id -> the status its run was closed with here
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "recorder": None, "opened": set()}  # the writer thread belongs to one driver process
+    def __getstate__(self) -> dict:  # the writer thread and what it knows belong to one driver process
+        return {**self.__dict__, "recorder": None, "opened": set(), "rows": {}, "summarized": {}}
 
     def setup(self, **info: Any) -> None:
         tracker = record.start(self.settings, self.experiment)
@@ -64,11 +67,18 @@ class SweepTracking(tune.Callback):
         self._open(trial)
         extra = {f"hp/{k}": v for k, v in trial.config.items() if k in self.keys} if self.population_based else None
         self.recorder.epoch(trial.trial_id, result, extra)
+        self.rows.setdefault(trial.trial_id, []).append({k: v for k, v in result.items() if k not in RAY_KEYS})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if self.recorder is not None:
-            self._open(trial)
-            self.recorder.tracker.close_run(trial.trial_id, "FINISHED")
+        """Summarise the trial now, while the others train, so the end of the sweep has little left to do."""
+        if self.recorder is None:
+            return
+        self._open(trial)
+        config = trial_run_config(self.plan, trial.config)
+        rows = _by_epoch(self.rows.get(trial.trial_id, []))
+        status = "completed" if rows and rows[-1].get(EPOCHS, 0) >= config.train.epochs else "stopped"
+        _summarize_trial(self.recorder, trial.trial_id, status, rows, config, _point(trial.config, self.keys), None)
+        self.summarized[trial.trial_id] = status
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.recorder is not None:
@@ -76,10 +86,9 @@ class SweepTracking(tune.Callback):
             self.recorder.failed(trial.trial_id, error_reason(trial.get_error()))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Hand over to `record_sweep`: what could not be written here is written (or listed) there."""
+        """Send what is queued; `record_sweep` goes on with this writer when it runs in the same process."""
         if self.recorder is not None:
-            self.recorder.tracker.close(timeout_s=30.0)
-            self.recorder = None
+            self.recorder.tracker.flush(timeout_s=30.0)
 
     def _open(self, trial: Any) -> None:
         if self.recorder is not None and trial.trial_id not in self.opened:
@@ -88,19 +97,29 @@ class SweepTracking(tune.Callback):
             self.opened.add(trial.trial_id)
 
 
-def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags: dict[str, str], stream: Any) -> str | None:
-    """Write the sweep's final state to MLflow from its own files; returns how to open it (None if not tracked)."""
-    tracker = record.start(sweep.tracking, sweep.name, stream=stream)
-    if tracker is None:
+def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags: dict[str, str], stream: Any,
+                 live: SweepTracking | None = None) -> str | None:
+    """Write the sweep's final state to MLflow from its own files; returns how to open it (None if not tracked).
+
+    `live` is the callback that streamed this sweep in this process: its writer (runs already bound) is
+    reused, and trials it already closed with the status the files agree on are left alone. Anything
+    else (a resumed sweep, a store that was away) is written from the files, which is safe to repeat.
+    """
+    if not sweep.tracking.enabled:
         return None
-    recorder = RunRecorder(tracker, directory, sweep.objective.metric, sweep.objective.mode)
+    recorder = live.recorder if live is not None and live.recorder is not None else None
+    summarized = live.summarized if recorder is not None else {}
+    if recorder is None:
+        recorder = RunRecorder(record.start(sweep.tracking, sweep.name, stream=stream), directory, sweep.objective.metric, sweep.objective.mode)
+    tracker = recorder.tracker
     recorder.open_parent(SWEEP_KIND, directory.rstrip("/").rsplit("/", 1)[-1], parent_params(sweep), {**sweep_tags(sweep), **data_tags})
     plan, keys = _plan(sweep), list(sweep.space.keys)
     by_trial: dict[str, list[dict[str, Any]]] = {}
     for row in outcome.history:
         by_trial.setdefault(row["trial_id"], []).append(row)
     for trial in outcome.trials:
-        _record_trial(recorder, plan, keys, trial, by_trial.get(trial["trial_id"], []))
+        if summarized.get(trial["trial_id"]) != trial["status"]:
+            _record_trial(recorder, plan, keys, trial, by_trial.get(trial["trial_id"], []))
     status = "FINISHED" if outcome.finished else "KILLED"
     recorder.summarize_parent(status, outcome.trials, keys, _parent_files(sweep, directory) if outcome.finished else {})
     parent_id = tracker.run_id(PARENT)
@@ -112,11 +131,23 @@ def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags:
 
 def _record_trial(recorder: RunRecorder, plan: TrialPlan, keys: list[str], trial: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     config = trial_run_config(plan, trial["config"])
-    recorder.open_child(trial["trial_id"], TRIAL_KIND, to_dict(config, active_only=True), _point(trial["config"], keys), reopen=False)
+    point = _point(trial["config"], keys)
+    recorder.open_child(trial["trial_id"], TRIAL_KIND, to_dict(config, active_only=True), point, reopen=False)
     recorder.epochs(trial["trial_id"], rows)
-    files = {"config.yaml": record.yaml_bytes(to_dict(config))}
-    recorder.summarize(trial["trial_id"], trial["status"], rows, planned_epochs=trial["planned_epochs"], error=trial.get("error"),
-                       title=record.run_name(to_dict(config), _point(trial["config"], keys)), files=files)
+    _summarize_trial(recorder, trial["trial_id"], trial["status"], rows, config, point, trial.get("error"))
+
+
+def _summarize_trial(recorder: RunRecorder, trial_id: str, status: str, rows: list[dict[str, Any]], config: Any,
+                     point: dict[str, Any], error: str | None) -> None:
+    plain = to_dict(config)
+    recorder.summarize(trial_id, status, rows, planned_epochs=config.train.epochs, error=error,
+                       title=record.run_name(plain, point), files={"config.yaml": record.yaml_bytes(plain)})
+
+
+def _by_epoch(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch, the last report winning (as epochs.jsonl is read)."""
+    by_epoch = {row[EPOCHS]: row for row in rows if isinstance(row.get(EPOCHS), int)}
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _parent_files(sweep: Sweep, directory: str) -> dict[str, bytes]:
