@@ -123,7 +123,9 @@ class LcregConfig:
             check.registered(f"{where}.second_stage_sampler", self.second_stage_sampler, SAMPLERS)
 
 
-@AUGMENTERS.register("lcreg", config=LcregConfig, defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5})
+@AUGMENTERS.register("lcreg", config=LcregConfig, defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5},
+                     components={"L_latent_aug": {"augmenter.lcreg.aug_weight": 0.0},      # α of Eq. 10 (Table 7's "latent aug")
+                                 "L_Recon": {"augmenter.lcreg.recon_weight": 0.0}})        # β of Eq. 10 (Table 7's "latent recon")
 class Lcreg(Augmenter):
     """Latent categories on the feature map at the insertion boundary, trained by L_Recon and L_latent_aug.
 

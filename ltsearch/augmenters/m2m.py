@@ -192,7 +192,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------- augmenter
 @AUGMENTERS.register("m2m", config=M2mConfig,
-                     defaults={"insert_at": 0, "start_fraction": 160 / 200, "head_ratio": 1 / 3})
+                     defaults={"insert_at": 0, "start_fraction": 160 / 200, "head_ratio": 1 / 3},
+                     components={"λ·f_k0": {"augmenter.m2m.lam": 0.0},                    # Table 4's "M2m (λ = 0)"
+                                 "deferred scheduling": {"augmenter.start_epoch": 0}})     # Table 4's "M2m-RS"
 class M2m(Augmenter):
     """Replaces oversampled minority samples by translated majority seeds (Alg. 1 on mini-batches).
 

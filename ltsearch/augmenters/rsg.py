@@ -224,7 +224,13 @@ def mv_length_term(transformed: torch.Tensor, displacement: torch.Tensor, groupi
     return (lengths - target).abs().sum(1).mean()
 
 
-@AUGMENTERS.register("rsg", config=RsgConfig, defaults={"insert_at": -2, "start_fraction": 0.8, "head_ratio": 0.2})
+@AUGMENTERS.register("rsg", config=RsgConfig, defaults={"insert_at": -2, "start_fraction": 0.8, "head_ratio": 0.2},
+                     components={"L_CESC": {"augmenter.rsg.lambda_cesc": 0.0},               # λ1 of Eq. 7
+                                 "L_MV": {"augmenter.rsg.lambda_mv": 0.0},                   # λ2 of Eq. 7
+                                 "L_MV 1st term": {"augmenter.rsg.mv_direction": 0.0},       # Table 3's MV rows
+                                 "L_MV 2nd term": {"augmenter.rsg.mv_length": 0.0},
+                                 "L_MV 3rd term": {"augmenter.rsg.mv_contrastive": 0.0},
+                                 "vector transformation": {"augmenter.rsg.vector_transform": False}})  # = Table 3's "Direct Addition"
 class Rsg(Augmenter):
     """Centres and contrastive module learn before T_th; generation and L_MV run from T_th on (Algorithm 1).
 

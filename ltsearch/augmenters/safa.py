@@ -196,7 +196,11 @@ def same_class_pairs(labels: torch.Tensor, class_counts: torch.Tensor, *, num_sa
 
 # ---------------------------------------------------------------------------------------- augmenter
 @AUGMENTERS.register("safa", config=SafaConfig,
-                     defaults={"insert_at": -3, "start_fraction": 0.795, "head_ratio": 0.2})
+                     defaults={"insert_at": -3, "start_fraction": 0.795, "head_ratio": 0.2},
+                     components={"L_r": {"augmenter.safa.lambda_recycle": 0.0},          # Table 6 rows: each term of Eq. 1 off
+                                 "L_ms^t": {"augmenter.safa.lambda_ms_tail": 0.0},
+                                 "L_ms^h": {"augmenter.safa.lambda_ms_head": 0.0},
+                                 "L_c": {"augmenter.safa.lambda_contrastive": 0.0}})
 class Safa(Augmenter):
     """SAFA as a plug-in at boundary k (Fig. 2).
 

@@ -241,7 +241,8 @@ class ClassMoments(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ the method
-@AUGMENTERS.register("smart", config=SmartConfig, defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5})
+@AUGMENTERS.register("smart", config=SmartConfig, defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5},
+                     components={"W": {"augmenter.smart.weights": False}})  # Table 4's semantic-aware weights (Eq. 10-11)
 class Smart(Augmenter):
     """Algorithm 1 of SMART: per step, update the class moments from the batch (Eq. 2–3), draw a head
     class for each tail sample, build Σ_th (Eq. 4–5), move tail features (Eq. 6) and weight them (Eq. 11).
