@@ -10,7 +10,7 @@ import sys
 from ltsearch.cli._common import expand_overrides
 from ltsearch.errors import LtsearchError, TrainingDiverged
 
-SUBCOMMANDS = ("train", "data", "tune", "check", "ui", "runs")
+SUBCOMMANDS = ("train", "data", "tune", "ablate", "report", "check", "ui", "runs")
 
 
 def build_parser() -> argparse.ArgumentParser:

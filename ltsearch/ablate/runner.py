@@ -1,0 +1,125 @@
+"""Running an ablation through the same Ray layer as `ltsearch tune`: every pending run is a Tune trial.
+
+Shared with sweeps: `ray_session` (local Ray, or `--address` for a cluster), per-trial resources (GPU
+fractions pack runs on one GPU), reused worker processes, the progress table, the driver's epoch log.
+Ablation-specific: the trials are a fixed list (a grid over run ids, no sampler, no scheduler: every
+cell must finish), each distinct data config is built once on the driver and put in the object store,
+and completion is recorded per run (cells.py), so `--resume` and reruns train only what is missing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from ltsearch.ablate.cells import RUN_KEY, CellPlan, data_key, read_result, train_cell
+from ltsearch.ablate.outputs import AblationOutcome, finish_ablation
+from ltsearch.ablate.settings import Ablation, parse_ablation
+from ltsearch.ablate.tracking import AblationTracking
+from ltsearch.errors import ConfigError
+from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
+from ltsearch.tune._names import _absolute
+from ltsearch.tune.epochlog import EpochLog
+from ltsearch.tune.progress import ProgressTable
+from ltsearch.tune.session import ray_session
+from ltsearch.tune.settings import Objective
+from ltsearch.tune.trainable import trial_dirname
+
+ABLATION_FILE = "ablation.yaml"
+
+
+@dataclass(frozen=True)
+class Launch:
+    directory: str
+    pending: list[str]
+    attempt: int
+
+
+def run_ablation(ablation: Ablation, *, directory: str | None = None, address: str | None = None, stream: Any = None,
+                 progress_interval_s: float = 10.0) -> AblationOutcome:
+    """Run every run of `ablation` that has not ended yet into `directory` (new, or an earlier run of this ablation)."""
+    stream = stream or sys.stdout
+    launch = _prepare(ablation, _absolute(directory) if directory else ablation.default_dir())
+    done = len(ablation.runs) - len(launch.pending)
+    print(f"ltsearch ablate: {ablation.source}: {len(ablation.rows)} rows x {len(ablation.column_labels)} columns x {len(ablation.seeds)} seeds "
+          f"= {len(ablation.runs)} runs ({done} already done, {len(launch.pending)} to run); writing {launch.directory}", file=stream, flush=True)
+    live = None
+    if launch.pending:
+        with ray_session(address):
+            live = _fit(ablation, launch, stream, progress_interval_s)
+    return finish_ablation(ablation, launch.directory, stream, live)
+
+
+def resume_ablation(directory: str, *, address: str | None = None, stream: Any = None) -> AblationOutcome:
+    """Continue the ablation saved in `directory` (its ablation.yaml): only runs without a result are trained."""
+    directory = _absolute(directory)
+    saved = Path(directory) / ABLATION_FILE
+    if not saved.is_file():
+        raise ConfigError("--resume", directory, f"an ablation directory written by `ltsearch ablate` (holding {ABLATION_FILE})")
+    ablation = parse_ablation(yaml.safe_load(saved.read_text()), source=str(saved))
+    return run_ablation(ablation, directory=directory, address=address, stream=stream)
+
+
+def _prepare(ablation: Ablation, directory: str) -> Launch:
+    """Check the directory holds nothing else, save the resolved file, and list the runs still to train."""
+    if "://" in directory:
+        raise ConfigError("--out", directory, "a local or network-filesystem path (runs checkpoint into their own directories)")
+    path = Path(directory)
+    if path.exists() and any(path.iterdir()) and not (path / ABLATION_FILE).is_file():
+        raise ConfigError("--out", directory, "a new directory or one holding this ablation (ablation.yaml); this one holds something else")
+    path.mkdir(parents=True, exist_ok=True)
+    saved = {**ablation.raw, TRACKING_SECTION: _pinned_tracking(ablation)} if ablation.tracking.enabled else ablation.raw
+    tmp = path / (ABLATION_FILE + ".tmp")
+    tmp.write_text(yaml.safe_dump(saved, sort_keys=False))
+    tmp.replace(path / ABLATION_FILE)
+    pending = [run.run_id for run in ablation.runs if read_result(directory, run.run_id) is None]
+    attempt = 1 + sum(1 for child in path.glob("attempt-*") if child.is_dir())
+    return Launch(directory, pending, attempt)
+
+
+def _pinned_tracking(ablation: Ablation) -> dict[str, Any]:
+    settings = ablation.tracking
+    return {"enabled": True, "uri": settings.resolved_uri(), "experiment": settings.experiment or ablation.name, "artifacts": settings.artifacts}
+
+
+def _fit(ablation: Ablation, launch: Launch, stream: Any, progress_interval_s: float) -> AblationTracking | None:
+    import ray
+
+    from ltsearch.data import build_dataset
+
+    plan = _plan(ablation, launch.directory)
+    datasets: dict[str, Any] = {}
+    for run_id in launch.pending:  # each distinct data config once, for the runs that will train
+        key = plan.data_keys[run_id]
+        if key not in datasets:
+            datasets[key] = ray.put(build_dataset(plan.run_config(plan.runs[run_id]).data))
+    resources = ablation.execution.resources
+    trainable = tune.with_resources(tune.with_parameters(train_cell, plan=plan, datasets=datasets), {"cpu": resources.cpu, "gpu": resources.gpu})
+    objective = Objective(metric="val/top1", mode="max")
+    progress = ProgressTable([RUN_KEY], objective, max(run.epochs for run in ablation.runs), progress_interval_s, stream)
+    live = AblationTracking(ablation, launch.directory) if ablation.tracking.enabled else None
+    tuner = tune.Tuner(
+        trainable,
+        param_space={RUN_KEY: tune.grid_search(launch.pending)},
+        tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=f"attempt-{launch.attempt}", storage_path=launch.directory, verbose=0,
+                                  callbacks=[progress, EpochLog(str(Path(launch.directory) / f"attempt-{launch.attempt}")),
+                                             *([live] if live is not None else [])],
+                                  failure_config=tune.FailureConfig(max_failures=ablation.execution.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    tuner.fit()
+    return live
+
+
+def _plan(ablation: Ablation, directory: str) -> CellPlan:
+    runs = {run.run_id: run for run in ablation.runs}
+    plan = CellPlan(base=ablation.base, directory=directory, runs=runs, data_keys={}, checkpoint_every=ablation.execution.checkpoint.every,
+                    threads=max(1, int(ablation.execution.resources.cpu)))
+    plan.data_keys.update({run_id: data_key(plan.run_config(run)) for run_id, run in runs.items()})
+    return plan

@@ -1,0 +1,123 @@
+"""`ltsearch report NAME|DIR [--format md|latex|html|csv] [--metric KEY] [--top N]`: print stored results, run nothing.
+
+DIR is an ablation directory (its matrix, rebuilt from the runs' result files) or a sweep directory (its
+best trials); NAME finds the newest `<storage>/<NAME>-<time>` directory of either kind. A partly finished
+ablation or sweep prints what exists, marked as partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+import yaml
+
+from ltsearch.errors import ConfigError
+
+FORMATS = ("md", "latex", "html", "csv")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("report", help="print an ablation's matrix or a sweep's best trials from stored results")
+    parser.add_argument("target", help="an ablation or sweep directory, or a name (the newest <storage>/<name>-<time>)")
+    parser.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex, html or csv")
+    parser.add_argument("--metric", help="the metric to show (default: the ablation's metric, or the sweep's objective)")
+    parser.add_argument("--top", type=int, default=10, help="sweeps: how many trials (default 10)")
+    parser.add_argument("--storage", default="runs", help="where to look for NAME (default: runs)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = locate(args.target, Path(args.storage))
+    if (directory / "ablation.yaml").is_file():
+        print(ablation_report(directory, args.format, args.metric), end="")
+    else:
+        print(sweep_report(directory, args.format, args.metric, args.top), end="")
+    return 0
+
+
+def locate(target: str, storage: Path) -> Path:
+    """A directory as given, or the newest `<storage>/<target>-*` holding an ablation or a sweep."""
+    path = Path(target)
+    if path.is_dir():
+        if not ((path / "ablation.yaml").is_file() or (path / "sweep.yaml").is_file()):
+            raise ConfigError("target", target, "an ablation directory (ablation.yaml) or a sweep directory (sweep.yaml)")
+        return path
+    found = sorted((p for p in storage.glob(f"{target}-*") if (p / "ablation.yaml").is_file() or (p / "sweep.yaml").is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError("target", target, f"a directory, or the name of an ablation or sweep under {storage}/ (none is called {target}-*)")
+    return found[-1]
+
+
+def ablation_report(directory: Path, fmt: str, metric: str | None) -> str:
+    from ltsearch.ablate.matrix import build_matrix
+    from ltsearch.ablate.outputs import collect
+    from ltsearch.ablate.render import aggregated_rows, to_html, to_latex, to_markdown
+    from ltsearch.ablate.settings import parse_ablation
+
+    ablation = parse_ablation(yaml.safe_load((directory / "ablation.yaml").read_text()), source=str(directory / "ablation.yaml"))
+    results, _ = collect(ablation, str(directory))
+    metric = metric or ablation.metric
+    matrix = build_matrix(results, rows=list(ablation.rows), columns=list(ablation.column_labels), metric=metric,
+                          baseline=ablation.baseline, seeds=list(ablation.seeds), fmt=ablation.fmt)
+    ended = sum(r.status != "pending" for r in results)
+    head = "" if ended == len(results) else f"partial: {ended} of {len(results)} runs have ended (cells marked n=k/N)\n\n"
+    reference = (ablation.reference or None, ablation.reference_source) if metric == ablation.metric else (None, None)
+    if fmt == "csv":
+        return _csv(aggregated_rows(matrix))
+    render = {"md": to_markdown, "latex": to_latex, "html": to_html}[fmt]
+    return head + render(matrix, *reference)
+
+
+def sweep_report(directory: Path, fmt: str, metric: str | None, top: int) -> str:
+    """The best `top` trials: from trials.parquet when the sweep finished, else from the driver's epoch log (partial)."""
+    from ltsearch.results import read_table
+    from ltsearch.tune import parse_sweep
+    from ltsearch.tune._names import EPOCHS
+    from ltsearch.tune.epochlog import read_epoch_log
+
+    sweep = parse_sweep(yaml.safe_load((directory / "sweep.yaml").read_text()), source=str(directory / "sweep.yaml"))
+    metric = metric or sweep.objective.metric
+    sign = 1.0 if sweep.objective.mode == "max" else -1.0
+    if (directory / "trials.parquet").is_file():
+        rows, head = read_table(directory / "trials.parquet"), ""
+        table = [{"trial": r["trial_id"], "status": r["status"], "epochs": r["epochs"], metric: r.get(f"best/{metric}"),
+                  **{k: r.get(k) for k in sweep.space.keys}} for r in rows]
+    else:
+        logged = read_epoch_log(str(directory), EPOCHS)
+        head = f"partial: the sweep has not finished; {len(logged)} trials reported so far\n\n"
+        table = []
+        for trial, epochs in logged.items():
+            values = [e[metric] for e in epochs if isinstance(e.get(metric), (int, float))]
+            table.append({"trial": trial, "status": "running or stopped", "epochs": len(epochs),
+                          metric: (max if sign > 0 else min)(values) if values else None})
+    table.sort(key=lambda r: -sign * r[metric] if isinstance(r[metric], (int, float)) else float("inf"))
+    table = table[:top]
+    if fmt == "csv":
+        return _csv(table)
+    if fmt != "md":
+        raise ConfigError("--format", fmt, "md or csv for a sweep (latex and html are for ablation matrices)")
+    columns = list(table[0]) if table else ["trial"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in table]
+    return head + f"**{sweep.name}: best {len(table)} trials by {metric} ({sweep.objective.mode})**\n\n" + "\n".join(lines) + "\n"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows)
+    return out.getvalue()
