@@ -44,15 +44,20 @@ def run_ablation(ablation: Ablation, *, directory: str | None = None, address: s
                  progress_interval_s: float = 10.0) -> AblationOutcome:
     """Run every run of `ablation` that has not ended yet into `directory` (new, or an earlier run of this ablation)."""
     stream = stream or sys.stdout
-    launch = _prepare(ablation, _absolute(directory) if directory else ablation.default_dir())
-    done = len(ablation.runs) - len(launch.pending)
+    directory = _absolute(directory) if directory else ablation.default_dir()
+    _check_directory(directory)
+    plan = _plan(ablation, directory)
+    pending = [run.run_id for run in ablation.runs if read_result(directory, run.run_id) is None]
+    data = _datasets(plan, pending)  # a missing or corrupt dataset fails here, before anything is written or started
+    launch = _prepare(ablation, directory, pending)
     print(f"ltsearch ablate: {ablation.source}: {len(ablation.rows)} rows x {len(ablation.column_labels)} columns x {len(ablation.seeds)} seeds "
-          f"= {len(ablation.runs)} runs ({done} already done, {len(launch.pending)} to run); writing {launch.directory}", file=stream, flush=True)
+          f"= {len(ablation.runs)} runs ({len(ablation.runs) - len(pending)} already done, {len(pending)} to run); writing {directory}",
+          file=stream, flush=True)
     live = None
-    if launch.pending:
+    if pending:
         with ray_session(address):
-            live = _fit(ablation, launch, stream, progress_interval_s)
-    return finish_ablation(ablation, launch.directory, stream, live)
+            live = _fit(ablation, plan, launch, data, stream, progress_interval_s)
+    return finish_ablation(ablation, directory, stream, live)
 
 
 def resume_ablation(directory: str, *, address: str | None = None, stream: Any = None) -> AblationOutcome:
@@ -65,19 +70,34 @@ def resume_ablation(directory: str, *, address: str | None = None, stream: Any =
     return run_ablation(ablation, directory=directory, address=address, stream=stream)
 
 
-def _prepare(ablation: Ablation, directory: str) -> Launch:
-    """Check the directory holds nothing else, save the resolved file, and list the runs still to train."""
+def _check_directory(directory: str) -> None:
     if "://" in directory:
         raise ConfigError("--out", directory, "a local or network-filesystem path (runs checkpoint into their own directories)")
     path = Path(directory)
-    if path.exists() and any(path.iterdir()) and not (path / ABLATION_FILE).is_file():
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / ABLATION_FILE).is_file())):
         raise ConfigError("--out", directory, "a new directory or one holding this ablation (ablation.yaml); this one holds something else")
+
+
+def _datasets(plan: CellPlan, pending: list[str]) -> dict[str, Any]:
+    """Each distinct data config of the runs still to train, built once."""
+    from ltsearch.data import build_dataset
+
+    data: dict[str, Any] = {}
+    for run_id in pending:
+        key = plan.data_keys[run_id]
+        if key not in data:
+            data[key] = build_dataset(plan.run_config(plan.runs[run_id]).data)
+    return data
+
+
+def _prepare(ablation: Ablation, directory: str, pending: list[str]) -> Launch:
+    """Save the resolved file (what --resume reads) and number this attempt."""
+    path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     saved = {**ablation.raw, TRACKING_SECTION: _pinned_tracking(ablation)} if ablation.tracking.enabled else ablation.raw
     tmp = path / (ABLATION_FILE + ".tmp")
     tmp.write_text(yaml.safe_dump(saved, sort_keys=False))
     tmp.replace(path / ABLATION_FILE)
-    pending = [run.run_id for run in ablation.runs if read_result(directory, run.run_id) is None]
     attempt = 1 + sum(1 for child in path.glob("attempt-*") if child.is_dir())
     return Launch(directory, pending, attempt)
 
@@ -87,17 +107,11 @@ def _pinned_tracking(ablation: Ablation) -> dict[str, Any]:
     return {"enabled": True, "uri": settings.resolved_uri(), "experiment": settings.experiment or ablation.name, "artifacts": settings.artifacts}
 
 
-def _fit(ablation: Ablation, launch: Launch, stream: Any, progress_interval_s: float) -> AblationTracking | None:
+def _fit(ablation: Ablation, plan: CellPlan, launch: Launch, data: dict[str, Any], stream: Any,
+         progress_interval_s: float) -> AblationTracking | None:
     import ray
 
-    from ltsearch.data import build_dataset
-
-    plan = _plan(ablation, launch.directory)
-    datasets: dict[str, Any] = {}
-    for run_id in launch.pending:  # each distinct data config once, for the runs that will train
-        key = plan.data_keys[run_id]
-        if key not in datasets:
-            datasets[key] = ray.put(build_dataset(plan.run_config(plan.runs[run_id]).data))
+    datasets = {key: ray.put(value) for key, value in data.items()}  # once each in the object store, for all runs
     resources = ablation.execution.resources
     trainable = tune.with_resources(tune.with_parameters(train_cell, plan=plan, datasets=datasets), {"cpu": resources.cpu, "gpu": resources.gpu})
     objective = Objective(metric="val/top1", mode="max")

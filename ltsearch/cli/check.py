@@ -28,6 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     raw = apply_overrides(read_yaml(args.file), args.overrides)
+    if "rows" in raw:  # an ablation file: the same validation as `ltsearch ablate --dry-run`
+        from ltsearch.ablate.settings import load_ablation
+
+        print(load_ablation(args.file, args.overrides).describe())
+        return 0
     if "space" not in raw:
         from ltsearch.engine import check_compatible
 
