@@ -156,6 +156,8 @@ def test_bad_ablations_are_refused_before_anything_starts(tmp_path, capsys, over
 def test_dry_run_prints_the_shape_runs_and_epochs(tmp_path, capsys):
     assert main(["ablate", str(write(tmp_path, TINY)), "--dry-run"]) == 0
     assert "2 rows x 2 columns x 2 seed pairs = 8 runs, 16 epochs in all" in capsys.readouterr().out
+    assert main(["check", str(REPO / "ablations" / "examples" / "digits_losses.yaml")]) == 0  # README's example
+    assert "3 rows x 2 columns x 3 seed pairs = 18 runs, 216 epochs in all" in capsys.readouterr().out
 
 
 @pytest.mark.slow
