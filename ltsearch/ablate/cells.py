@@ -21,7 +21,7 @@ from typing import Any
 
 from ray import tune
 
-from ltsearch.ablate.settings import Run
+from ltsearch.ablate.settings import Ablation, Run
 from ltsearch.config import build_run_config, dump_yaml
 from ltsearch.errors import TrainingDiverged
 from ltsearch.results import write_json, write_table
@@ -44,6 +44,14 @@ class CellPlan:
     data_keys: dict[str, str]
     checkpoint_every: int
     threads: int
+
+    @classmethod
+    def of(cls, ablation: Ablation, directory: str) -> "CellPlan":
+        runs = {run.run_id: run for run in ablation.runs}
+        plan = cls(base=ablation.base, directory=directory, runs=runs, data_keys={}, checkpoint_every=ablation.execution.checkpoint.every,
+                   threads=max(1, int(ablation.execution.resources.cpu)))
+        plan.data_keys.update({run_id: data_key(plan.run_config(run)) for run_id, run in runs.items()})
+        return plan
 
     def run_config(self, run: Run) -> Any:
         raw = apply_point(self.base, run.point)

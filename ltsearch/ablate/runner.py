@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from ltsearch.ablate.cells import RUN_KEY, CellPlan, data_key, read_result, train_cell
+from ltsearch.ablate.cells import RUN_KEY, CellPlan, read_result, train_cell
 from ltsearch.ablate.outputs import AblationOutcome, finish_ablation
 from ltsearch.ablate.settings import Ablation, parse_ablation
 from ltsearch.ablate.tracking import AblationTracking
@@ -46,7 +46,7 @@ def run_ablation(ablation: Ablation, *, directory: str | None = None, address: s
     stream = stream or sys.stdout
     directory = _absolute(directory) if directory else ablation.default_dir()
     _check_directory(directory)
-    plan = _plan(ablation, directory)
+    plan = CellPlan.of(ablation, directory)
     pending = [run.run_id for run in ablation.runs if read_result(directory, run.run_id) is None]
     data = _datasets(plan, pending)  # a missing or corrupt dataset fails here, before anything is written or started
     launch = _prepare(ablation, directory, pending)
@@ -129,11 +129,3 @@ def _fit(ablation: Ablation, plan: CellPlan, launch: Launch, data: dict[str, Any
     )
     tuner.fit()
     return live
-
-
-def _plan(ablation: Ablation, directory: str) -> CellPlan:
-    runs = {run.run_id: run for run in ablation.runs}
-    plan = CellPlan(base=ablation.base, directory=directory, runs=runs, data_keys={}, checkpoint_every=ablation.execution.checkpoint.every,
-                    threads=max(1, int(ablation.execution.resources.cpu)))
-    plan.data_keys.update({run_id: data_key(plan.run_config(run)) for run_id, run in runs.items()})
-    return plan

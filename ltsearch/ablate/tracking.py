@@ -31,10 +31,8 @@ class AblationTracking(tune.Callback):
     """Ray Tune callback on the driver (picklable; the writer is rebuilt in `setup`)."""
 
     def __init__(self, ablation: Ablation, directory: str):
-        from ltsearch.ablate.runner import _plan
-
         self.settings, self.experiment, self.directory = ablation.tracking, ablation.name, directory
-        self.plan: CellPlan = _plan(ablation, directory)
+        self.plan = CellPlan.of(ablation, directory)
         self.parent_params, self.parent_tags = parent_params(ablation), ablation_tags(ablation)
         self.recorder: RunRecorder | None = None
         self.opened: set[str] = set()
@@ -103,8 +101,6 @@ def summarize_run(recorder: RunRecorder, plan: CellPlan, run: Run) -> str:
 def record_ablation(ablation: Ablation, directory: str, outcome: Any, records: list[dict[str, Any]], files: dict[str, bytes], stream: Any,
                     live: AblationTracking | None = None) -> str | None:
     """The ablation's final state in MLflow, from its files; reuses the live writer when there is one."""
-    from ltsearch.ablate.runner import _plan
-
     if not ablation.tracking.enabled:
         return None
     recorder = live.recorder if live is not None and live.recorder is not None else None
@@ -112,7 +108,7 @@ def record_ablation(ablation: Ablation, directory: str, outcome: Any, records: l
     opened = live.opened if recorder is not None else set()
     if recorder is None:
         recorder = RunRecorder(record.start(ablation.tracking, ablation.name, stream=stream), directory, *SELECT)
-    plan = _plan(ablation, directory)
+    plan = CellPlan.of(ablation, directory)
     recorder.open_parent(PARENT_KIND, directory.rstrip("/").rsplit("/", 1)[-1], parent_params(ablation), ablation_tags(ablation))
     for run in ablation.runs:
         status = next(r["status"] for r in records if r["run_id"] == run.run_id)
