@@ -15,6 +15,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from ltsearch.cli import main
 from ltsearch.results import read_table
 from ltsearch.tune import load_sweep, run_sweep
 
@@ -82,7 +83,7 @@ def test_a_sweep_is_one_parent_with_a_child_per_trial_and_every_status(ray_runti
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"per_class_accuracy.png", "config.yaml"}
 
 
-def test_an_unreachable_store_does_not_stop_the_sweep(ray_runtime, tmp_path, capsys):
+def test_an_unreachable_store_does_not_stop_the_sweep_and_is_replayed_later(ray_runtime, tmp_path, capsys, mlflow_store):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -95,3 +96,13 @@ def test_an_unreachable_store_does_not_stop_the_sweep(ray_runtime, tmp_path, cap
     assert told.count("cannot reach") == 1 and "did not reach" in told
     assert "browse with: ltsearch ui" not in stream.getvalue()
     assert (tmp_path / "sweep" / "trials.parquet").is_file()
+    # what never arrived is replayed from the sweep's own files, into a store that answers; twice changes nothing
+    for _ in range(2):
+        assert main(["runs", "--sync", str(tmp_path / "sweep"), "--set", f"tracking.uri={mlflow_store}"]) == 0
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert sorted(r.data.tags["ltsearch.kind"] for r in runs) == ["sweep", "trial", "trial"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        if run.data.tags["ltsearch.kind"] == "trial":
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0]

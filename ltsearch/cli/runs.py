@@ -29,10 +29,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_overrides(parser)
     parser.add_argument("--config", metavar="FILE", help="read the store's location from FILE's tracking: section (default: sqlite:///mlruns.db)")
     parser.add_argument("--limit", type=positive_int, default=DEFAULT_LIMIT, help=f"how many runs to list (default {DEFAULT_LIMIT})")
+    parser.add_argument("--sync", metavar="DIR", help="write a finished sweep's or an ablation's directory into the store it was tracked "
+                                                       "to (what an unreachable store missed); safe to repeat")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sync:
+        browse.load_settings(None, args.overrides)  # only tracking.* overrides: where to replay, not what
+        return sync(Path(args.sync), args.overrides)
     settings = browse.load_settings(args.config, args.overrides)
     client = browse.open_client(settings)
     if args.target is None:
@@ -124,3 +129,45 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def sync(directory: Path, overrides: list[str]) -> int:
+    """Replay a directory into its store (or the one `--set tracking.uri=` names) from its own files.
+
+    Runs are found by their tags and nothing is written twice, so this is safe to repeat.
+    """
+    import json
+
+    import yaml
+
+    from ltsearch.config import apply_overrides
+    from ltsearch.errors import ConfigError
+
+    def saved(name: str) -> dict:
+        return apply_overrides(yaml.safe_load((directory / name).read_text()), overrides)
+
+    if (directory / "ablation.yaml").is_file():
+        from ltsearch.ablate.outputs import AblationOutcome, collect, matrices
+        from ltsearch.ablate.settings import parse_ablation
+        from ltsearch.ablate.tracking import record_ablation
+
+        ablation = parse_ablation(saved("ablation.yaml"), source=str(directory / "ablation.yaml"))
+        results, records = collect(ablation, str(directory.resolve()))
+        outcome = AblationOutcome(str(directory.resolve()), results, matrices(ablation, results), all(r.status != "pending" for r in results))
+        files = {name: (directory / name).read_bytes() for name in ("matrix.md", "matrix.tex", "matrix.html", "matrix.parquet", "heatmap.png")
+                 if (directory / name).is_file()}
+        said = record_ablation(ablation, str(directory.resolve()), outcome, records, files, None)
+    elif (directory / "trials.parquet").is_file():
+        from ltsearch.results import read_table
+        from ltsearch.tune import SweepOutcome, parse_sweep
+        from ltsearch.tune.tracking import record_sweep
+
+        sweep = parse_sweep(saved("sweep.yaml"), source=str(directory / "sweep.yaml"))
+        trials = [{**row, "config": json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]}
+                  for row in read_table(directory / "trials.parquet")]
+        outcome = SweepOutcome(str(directory.resolve()), trials, read_table(directory / "history.parquet"), None, True)
+        said = record_sweep(sweep, str(directory.resolve()), outcome, {}, None)
+    else:
+        raise ConfigError("--sync", str(directory), "a finished sweep directory (trials.parquet) or an ablation directory (ablation.yaml)")
+    print(said or f"{directory}: the store is still unreachable; nothing is lost, run this again later")
+    return 0 if said else 1

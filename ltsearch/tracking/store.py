@@ -36,7 +36,8 @@ MAX_PARAM_LENGTH = 6000
 PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
                              "INVALID_STATE", "PERMISSION_DENIED"})
 #: HTTP retries inside one request stay short: the queue does the waiting, without blocking anything
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # (and no progress bars from a background thread)
 
 
 #: stores this process already said it cannot reach
@@ -271,9 +272,17 @@ class Tracker:
             client.log_batch(run_id, tags=tag_list, synchronous=True)
 
     def _table(self, key: str, name: str, rows: list[dict[str, Any]]) -> None:
+        """log_table the first time; later the same file is replaced (log_table would append the rows again)."""
+        import json
+
         import pandas
 
-        self._client_call().log_table(self._run(key), data=pandas.DataFrame(rows), artifact_file=name)
+        client, run_id = self._client_call(), self._run(key)
+        frame = pandas.DataFrame(rows)
+        if any(item.path == name for item in client.list_artifacts(run_id)):
+            self._artifact(key, name, json.dumps(frame.to_dict(orient="split") | {"index": None}, default=str).encode())
+        else:
+            client.log_table(run_id, data=frame, artifact_file=name)
 
     def _artifact(self, key: str, name: str, content: bytes | None) -> None:
         if content is None:
