@@ -46,15 +46,29 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain data (no numpy arrays), so a checkpoint loads with weights_only=True."""
+    version, internal, gauss = random.getstate()
+    legacy = np.random.get_state(legacy=False)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"bit_generator": legacy["bit_generator"], "key": legacy["state"]["key"].tolist(), "pos": int(legacy["state"]["pos"]),
+                  "has_gauss": int(legacy["has_gauss"]), "gauss": float(legacy["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Inverse of `capture_rng_state`; also reads format-1 checkpoints (numpy's state as its legacy tuple)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = {"bit_generator": numpy_state["bit_generator"], "state": {"key": np.asarray(numpy_state["key"], dtype=np.uint32),
+                       "pos": numpy_state["pos"]}, "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

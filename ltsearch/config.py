@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -295,8 +296,8 @@ def build(cls: type, raw: Any, where: str) -> Any:
     unknown = [key for key in raw if key not in fields and key not in section_names]
     if unknown:
         allowed = sorted(fields) + section_names
-        raise ConfigError(f"{where}.{unknown[0]}" if where else unknown[0], raw[unknown[0]], f"a known key here; allowed keys: {allowed}",
-                          hint="Check the spelling, or remove the key.")
+        raise ConfigError(f"{where}.{unknown[0]}" if where else str(unknown[0]), raw[unknown[0]], f"a known key here; allowed keys: {allowed}",
+                          hint="Check the spelling, or remove the key.", choices=allowed)
     kwargs = {}
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
@@ -361,6 +362,8 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(key, value, "a finite number (not nan or inf)")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -458,26 +461,54 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, following `base: other.yaml` or `base: [a.yaml, b.yaml]` (relative to the file)."""
+def yaml_error_line(source: str, error: yaml.YAMLError) -> str:
+    """One line, `file:line:col: problem` (1-based), from PyYAML's multi-line error text."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    text = " ".join((str(problem) + (f" ({context})" if context else "")).split())
+    return f"{where}: not valid YAML: {text}"
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, following `base: other.yaml` or `base: [a.yaml, b.yaml]` (relative to the file).
+
+    A file that is missing, a directory, empty, unreadable, not UTF-8, not YAML or not a mapping is refused
+    with one line naming it; so is a `base:` chain that comes back to a file it started from.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError("file", str(path), "a YAML file, not a directory")
     if not path.is_file():
         raise ConfigError("file", str(path), "an existing YAML file")
+    here = path.resolve()
+    if here in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain[_chain.index(here):], here))
+        raise ConfigError("base", str(path), f"a chain of base files without a cycle, but it loops: {cycle}", source=str(_chain[-1]))
     try:
-        raw = load_yaml_text(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError("file", str(path), f"a UTF-8 text file (byte {error.start} is not UTF-8)") from None
+    except OSError as error:
+        raise ConfigError("file", str(path), f"a readable file ({error.strerror or error})") from None
+    try:
+        raw = load_yaml_text(text)
     except yaml.YAMLError as error:
-        raise ConfigError("file", str(path), f"valid YAML ({error})") from None
+        raise ConfigError("file", str(path), "valid YAML", message=yaml_error_line(str(path), error)) from None
+    if raw is None:
+        raise ConfigError("file", str(path), "a YAML mapping, but the file is empty (or only comments)")
     if not isinstance(raw, dict):
         raise ConfigError("file", str(path), "a YAML mapping at the top level")
     base = raw.pop("base", None)
     if base is None:
         return raw
     bases = [base] if isinstance(base, str) else base
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
         raise ConfigError("base", base, "a path (or list of paths) to other YAML files, relative to this one", source=str(path))
     merged: dict = {}
     for parent in bases:  # later bases override earlier ones; this file overrides them all
-        merged = merge(merged, read_yaml(path.parent / parent))
+        merged = merge(merged, read_yaml(path.parent / parent, (*_chain, here)))
     return merge(merged, raw)
 
 

@@ -18,7 +18,12 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
+import shutil
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,13 +37,16 @@ from ltsearch.augmenters.base import (Augmenter, AugmenterContext, FeatureSpec, 
 from ltsearch.config import RunConfig, build_run_config, to_dict
 from ltsearch.data import LongTailData, build_dataset, create_train_loader, eval_batches
 from ltsearch.divergence import DivergenceGuard
-from ltsearch.errors import ConfigError
+from ltsearch.errors import CheckpointError, ConfigError, UnsafeFileError
 from ltsearch.losses import class_weights_for_epoch, create_loss, sampler_for_epoch
 from ltsearch.metrics import classification_metrics
 from ltsearch.models import Backbone, create_backbone, num_boundaries
 from ltsearch.registry import AUGMENTERS, LOSSES
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the checkpoint before the newest, kept for a torn or corrupt newest one
+CHECKPOINT_FORMAT = 2  # 2: numpy's RNG key as a list (loads with weights_only=True); 1: as an ndarray
+STATE_KEYS = ("config", "epoch", "step", "model", "augmenter", "optimizer", "loader", "rng", "best", "history")
 
 
 def default_cache_dir() -> Path:
@@ -108,7 +116,7 @@ def train_reference_model(config: RunConfig, data: LongTailData, cache_dir: Path
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError("augmenter reference_path", path, "an existing checkpoint file of the same backbone")
-        model.load_state_dict(_load_model_state(path))
+        _load_weights(model, path, "augmenter.m2m.reference_path")
         return model.eval().requires_grad_(False)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"reference-{config.model.name}-{reference_key(ref_config)}.pt"
@@ -121,10 +129,22 @@ def train_reference_model(config: RunConfig, data: LongTailData, cache_dir: Path
                 pass
             restore_rng_state(saved)
             tmp = target.with_suffix(".tmp")
-            torch.save({"model": trainer.model.state_dict(), "config": to_dict(ref_config)}, tmp)
+            torch.save({"model": trainer.model.state_dict(), "config": to_dict(ref_config)}, tmp)  # tensors + plain data only
+            _fsync(tmp)
             tmp.replace(target)
-    model.load_state_dict(_load_model_state(target))
+    _load_weights(model, target, "M2m's cached reference classifier g",
+                  hint=f"Delete {target} to train g again.")
     return model.eval().requires_grad_(False)
+
+
+def _load_weights(model: nn.Module, path: str | Path, what: str, hint: str | None = None) -> None:
+    """Load a state dict (bare or under 'model') into `model`; a mismatch is one line naming `what` and the file."""
+    state = _load_model_state(path)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise CheckpointError(f"{what} '{path}' does not fit this backbone: {' '.join(lines[:2])[:300]}" + (f"; {hint}" if hint else "")) from None
 
 
 def _warm_start(model: nn.Module, source: str) -> None:
@@ -143,8 +163,88 @@ def _warm_start(model: nn.Module, source: str) -> None:
 
 
 def _load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    return blob.get("model", blob) if isinstance(blob, dict) else blob
+    blob = load_checkpoint_file(path)
+    state = blob.get("model", blob) if isinstance(blob, dict) else blob
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"'{path}' holds no model state dict (a mapping of parameter names to tensors, bare or under 'model')")
+    return state
+
+
+def _first_sentence(error: BaseException) -> str:
+    return _first_line(error).split(". ")[0][:200]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+#: numpy's RNG key was an ndarray in format-1 checkpoints; these rebuild exactly that (a uint32 array) and nothing else
+_LEGACY_NUMPY_GLOBALS: list[Any] = []
+try:
+    import numpy as _np
+
+    _LEGACY_NUMPY_GLOBALS = [_np._core.multiarray._reconstruct, _np.ndarray, _np.dtype, _np.dtypes.UInt32DType]
+except AttributeError:  # pragma: no cover - an older numpy layout: format-1 checkpoints are then refused
+    pass
+
+
+def load_checkpoint_file(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, so nothing in the file is ever run.
+
+    A file holding any other object (a pickle with `__reduce__`, a custom class) is refused before it
+    is built; a truncated or corrupt file is reported as such. Both raise CheckpointError (one line).
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on a foreign pickle protocol: the refusal below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        detail = f"it names {named.group(1)}" if named else next((line.strip()[:120] for line in str(error).splitlines()
+                                                                   if "Unsupported" in line), _first_sentence(error))
+        raise UnsafeFileError(f"refusing '{path}': it holds objects other than tensors and plain data ({detail}), so it was not "
+                              "written by ltsearch or was altered; nothing in it was loaded or run") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{path}' does not exist") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise CheckpointError(f"cannot read checkpoint '{path}': it is truncated or corrupt ({type(error).__name__}: {_first_sentence(error)})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint's state (see `Trainer.state_dict`), loaded safely and checked for every part."""
+    state = load_checkpoint_file(path)
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+        raise CheckpointError(f"'{path}' is not an ltsearch training checkpoint (it lacks {', '.join(missing)})")
+    if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int) or isinstance(state["epoch"], bool):
+        raise CheckpointError(f"'{path}' is not an ltsearch training checkpoint (its config or epoch is malformed)")
+    return state
+
+
+def checkpoint_candidates(path: str | Path) -> list[Path]:
+    """The files a resume may read, newest first: `checkpoint.pt`, then the one kept before it."""
+    path = Path(path)
+    if path.is_dir():
+        return [p for p in (path / CHECKPOINT_FILE, path / PREVIOUS_CHECKPOINT_FILE) if p.is_file()]
+    return [path] if path.is_file() else []
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays -> Python numbers and lists, so history and best load with weights_only=True."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value) if isinstance(value, list) else tuple(_plain(v) for v in value)
+    if type(value).__module__ == "numpy":
+        return value.tolist() if hasattr(value, "tolist") else value.item()
+    return value
 
 
 # --------------------------------------------------------------------------------------- results
@@ -196,6 +296,7 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.autocast_dtype = torch.bfloat16 if (self.device.type == "cuda" and config.train.amp) else None
+        self.restore_note: str | None = None  # set by `restore` when it fell back to the previous checkpoint
 
     def _build_augmenter(self) -> Augmenter:
         cfg = self.config.augmenter
@@ -334,11 +435,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain containers only (what `torch.load(weights_only=True)` accepts)."""
         return {
-            "format": 1, "config": to_dict(self.config), "epoch": self.epoch, "step": self.step,
+            "format": CHECKPOINT_FORMAT, "config": to_dict(self.config), "epoch": self.epoch, "step": self.step,
             "model": self.model.state_dict(), "augmenter": self.augmenter.state_dict(),
             "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-            "rng": capture_rng_state(), "best": copy.deepcopy(self.best), "history": copy.deepcopy(self.history),
+            "rng": capture_rng_state(), "best": _plain(copy.deepcopy(self.best)), "history": _plain(copy.deepcopy(self.history)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -350,28 +452,77 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
 
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        """Atomically write `directory/checkpoint.pt` (a crash mid-write never leaves a torn checkpoint)."""
+    def save_checkpoint(self, directory: str | Path, *, keep_previous: bool = True) -> Path:
+        """Atomically write `directory/checkpoint.pt` (a crash mid-write never leaves a torn checkpoint).
+
+        The file is written beside the target, flushed to disk and renamed over it; with `keep_previous`
+        the checkpoint it replaces stays as `checkpoint.prev.pt` (a hard link, so there is never a moment
+        without a complete `checkpoint.pt`), which a resume falls back to if the newest cannot be read.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / CHECKPOINT_FILE
         tmp = directory / (CHECKPOINT_FILE + ".tmp")
         torch.save(self.state_dict(), tmp)
+        _fsync(tmp)
+        if keep_previous and target.is_file():
+            previous_tmp = directory / (PREVIOUS_CHECKPOINT_FILE + ".tmp")
+            previous_tmp.unlink(missing_ok=True)
+            try:
+                os.link(target, previous_tmp)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(target, previous_tmp)
+            previous_tmp.replace(directory / PREVIOUS_CHECKPOINT_FILE)
         tmp.replace(target)
+        with contextlib.suppress(OSError):  # the renames themselves reach the disk
+            descriptor = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
         return target
 
     @classmethod
     def restore(cls, path: str | Path, *, data: LongTailData | None = None, cache_dir: str | Path | None = None,
                 config: RunConfig | None = None) -> "Trainer":
-        """Rebuild from a checkpoint file or directory; the run continues exactly where it stopped."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / CHECKPOINT_FILE
-        if not path.is_file():
+        """Rebuild from a checkpoint file or directory; the run continues exactly where it stopped.
+
+        Every file is loaded with `weights_only=True` (see `load_checkpoint_file`). In a run directory a
+        truncated or corrupt `checkpoint.pt` falls back to `checkpoint.prev.pt` (one epoch earlier), and
+        `restore_note` says so. `config` may lengthen the run, never shorten it below the epochs it has run.
+        """
+        candidates = checkpoint_candidates(path)
+        if not candidates:
             raise ConfigError("resume", str(path), f"a checkpoint file or a directory holding {CHECKPOINT_FILE}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        trainer = cls(config or build_run_config(state["config"]), data=data, cache_dir=cache_dir)
-        trainer.load_state_dict(state)
+        state, note, first_error, loaded = None, None, None, candidates[0]
+        for candidate in candidates:
+            try:
+                state, loaded = read_checkpoint(candidate), candidate
+            except UnsafeFileError:
+                raise  # a file holding code is never skipped over silently
+            except CheckpointError as error:
+                first_error = first_error or error
+                continue
+            if candidate.name == PREVIOUS_CHECKPOINT_FILE:
+                note = f"warning: {first_error}; resuming from the previous checkpoint {candidate} (after epoch {state['epoch']})"
+            break
+        if state is None:
+            raise first_error
+        try:
+            run_config = config or build_run_config(state["config"])
+        except ConfigError as error:
+            raise CheckpointError(f"checkpoint '{loaded}' holds a config this version rejects: {error}") from None
+        if run_config.train.epochs < state["epoch"]:
+            raise ConfigError("train.epochs", run_config.train.epochs, f"at least {state['epoch']}, the epochs this run has already finished",
+                              hint="A resumed run can be lengthened, never shortened; start a new run for fewer epochs.")
+        trainer = cls(run_config, data=data, cache_dir=cache_dir)
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise CheckpointError(f"checkpoint '{loaded}' does not fit this config (were model or augmenter keys changed with --set?): "
+                                  f"{' '.join(lines[:2])[:300]}") from None
+        trainer.restore_note = note
         return trainer
 
 

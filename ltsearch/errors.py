@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
+import re
 from typing import Any
 
 
@@ -15,21 +18,68 @@ class ConfigError(LtsearchError, ValueError):
     The message shape follows Optuna's eager checks: the rule, then the offending values.
     """
 
-    def __init__(self, key: str, value: Any, expected: str, *, hint: str | None = None, source: str | None = None):
+    def __init__(self, key: str, value: Any, expected: str, *, hint: str | None = None, source: str | None = None,
+                 message: str | None = None, choices: list[str] | None = None):
         self.key = key
         self.value = value
         self.expected = expected
         self.hint = hint
         self.source = source
+        self.choices = choices
+        self.message = message
+        if message is not None:  # a complete one-line text of its own, e.g. `file:line:col: problem` for YAML
+            super().__init__(message)
+            return
         where = f"{source}: " if source else ""
-        message = f"{where}config key '{key}': got {value!r}; expected {expected}."
+        text = f"{where}config key '{key}': got {value!r}; expected {expected}."
+        suggestion = suggest(key, value, expected, choices)
+        if suggestion:
+            text += f" Did you mean '{suggestion}'?"
         if hint:
-            message += f" {hint}"
-        super().__init__(message)
+            text += f" {hint}"
+        super().__init__(text)
 
     def with_source(self, source: str) -> "ConfigError":
         """Return the same error, now naming the file (or `--set`) it came from."""
-        return ConfigError(self.key, self.value, self.expected, hint=self.hint, source=source)
+        if self.message is not None:
+            return self
+        return ConfigError(self.key, self.value, self.expected, hint=self.hint, source=source, choices=self.choices)
+
+
+_LISTED = re.compile(r"\[((?:'[^'\n]*'(?:, )?)+)\]")
+
+
+def suggest(key: str, value: Any, expected: str, choices: list[str] | None = None) -> str | None:
+    """difflib's closest allowed name to what was written, for "did you mean" (None when nothing is close).
+
+    Unknown-key errors compare the key's last part with the allowed keys; any other error compares a
+    string value with the names listed in `expected` (registries, literals) or `choices`.
+    """
+    if choices is None:
+        match = _LISTED.search(expected)
+        if match is None:
+            return None
+        try:
+            choices = [str(c) for c in ast.literal_eval("[" + match.group(1) + "]")]
+        except (ValueError, SyntaxError):
+            return None
+    unknown_key = "known key" in expected or "allowed keys" in expected or "search key" in expected
+    written = str(key).rsplit(".", 1)[-1] if unknown_key else value
+    if not isinstance(written, str) or not written or written in choices:
+        return None
+    close = difflib.get_close_matches(written, choices, n=1, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in choices}
+        close = [lowered[written.lower()]] if written.lower() in lowered else []
+    return close[0] if close else None
+
+
+class CheckpointError(LtsearchError):
+    """A checkpoint cannot be used: unreadable, truncated, not written by ltsearch, or holding code (refused unread)."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A file names objects other than tensors and plain data: refused before anything in it is built or run."""
 
 
 class DataError(LtsearchError):

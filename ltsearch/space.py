@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import typing
 from abc import ABC, abstractmethod
@@ -420,8 +421,10 @@ def parse_space(raw: Any, base: dict, *, source: str | None = None) -> SearchSpa
         try:
             get_dotted(full, key)
         except KeyError:
+            close = difflib.get_close_matches(key, _dotted_keys(full), n=1, cutoff=0.6)
             raise ConfigError(f"space.{key}", spec, "a key of the run config (a typo would be sampled into a key nothing reads)",
-                              hint="Check the spelling; a method's parameters live under augmenter.<method>.<key>.",
+                              hint=(f"Did you mean '{close[0]}'? " if close else "") +
+                              "Check the spelling; a method's parameters live under augmenter.<method>.<key>.",
                               source=source) from None
         params.append(Param(key, parse_distribution(key, spec), _condition_of(key, selectors)))
     params.sort(key=lambda p: p.key not in selector_keys)  # stable: selectors first, then file order
@@ -431,6 +434,16 @@ def parse_space(raw: Any, base: dict, *, source: str | None = None) -> SearchSpa
     for param in params:
         _check_condition(param, space, searched)
     return space
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Every leaf key of a plain config tree, dotted (`optim.schedule.milestones`)."""
+    if not isinstance(tree, dict):
+        return [prefix] if prefix else []
+    keys = []
+    for name, value in tree.items():
+        keys += _dotted_keys(value, f"{prefix}.{name}" if prefix else str(name))
+    return keys
 
 
 def _check_condition(param: Param, space: SearchSpace, searched: dict[str, Param]) -> None:

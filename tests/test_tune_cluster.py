@@ -121,7 +121,8 @@ def assert_resumed_store_has_one_run_each(uri: str, trial_ids: set[str], epochs:
     assert sorted(r.data.tags["ltsearch.trial_id"] for r in children) == sorted(trial_ids)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     for run in children:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(epochs))
+        # sorted: epochs the killed driver never wrote are filled in at the end, after later ones (MLflow orders by time)
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(epochs))
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import json
 
 from ltsearch.cli._common import add_overrides
 from ltsearch.config import load_run_config
-from ltsearch.data import build_dataset
+from ltsearch.data import build_dataset, verify_files
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.overrides)
-    summary = build_dataset(config.data).summary()
+    data = build_dataset(config.data)
+    verify_files(data)
+    summary = data.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -17,7 +17,8 @@ import yaml
 
 from ltsearch.cli._common import add_overrides
 from ltsearch.config import apply_overrides, build_run_config, dump_yaml, read_yaml, to_dict
-from ltsearch.engine import CHECKPOINT_FILE, EpochResult, Trainer, summarize
+from ltsearch.data import verify_files
+from ltsearch.engine import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, EpochResult, Trainer, checkpoint_candidates, summarize
 from ltsearch.errors import ConfigError, TrainingDiverged
 from ltsearch.results import write_json, write_table
 from ltsearch.tracking import record
@@ -67,7 +68,9 @@ def _output_dir(args: argparse.Namespace) -> Path:
     else:
         stem = Path(args.config).stem if args.config else "digits"
         out = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / CHECKPOINT_FILE).exists() or (out / "metrics.json").exists():
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", str(out), "a directory (or a path to create one), but it is a file")
+    if any((out / name).exists() for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, "metrics.json")):
         raise ConfigError("--out", str(out), "a directory that does not already hold a run (nothing is ever overwritten)",
                           hint=f"Continue it with `ltsearch train --resume {out}`, or choose another --out.")
     return out
@@ -77,13 +80,19 @@ def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
     """Validate everything (config, tracking, output directory) before the run directory is written."""
     if args.resume:
         out = Path(args.resume)
-        if not (out / CHECKPOINT_FILE).is_file():
-            raise ConfigError("--resume", str(out), f"a run directory holding {CHECKPOINT_FILE}")
+        if args.config or args.out:
+            raise ConfigError("--resume", args.resume, "a run directory alone: the run continues with its own config.yaml",
+                              hint="Drop CONFIG and --out; --set may still change e.g. train.epochs.")
+        if not out.is_dir() or not checkpoint_candidates(out) or not (out / "config.yaml").is_file():
+            raise ConfigError("--resume", str(out), f"a run directory written by `ltsearch train` (holding config.yaml and {CHECKPOINT_FILE})")
         saved = read_yaml(out / TRACKING_FILE) if (out / TRACKING_FILE).is_file() else {}
         raw, tracking = split_tracking(apply_overrides({**read_yaml(out / "config.yaml"), SECTION: saved}, args.overrides),
                                        source=str(out / "config.yaml"))
         config = build_run_config(raw, source=str(out / "config.yaml"))
-        trainer = Trainer.restore(out, config=config)
+        trainer = Trainer.restore(out, config=config)  # refuses a shorter run, an unsafe or unreadable checkpoint
+        verify_files(trainer.data)
+        if trainer.restore_note:
+            print(trainer.restore_note, file=sys.stderr, flush=True)
         if args.overrides:
             (out / "config.yaml").write_text(dump_yaml(config))
         return trainer, out, tracking
@@ -91,8 +100,12 @@ def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
     raw, tracking = split_tracking(apply_overrides(read_yaml(args.config) if args.config else {}, args.overrides), source=source)
     config = build_run_config(raw, source=source)
     out = _output_dir(args)
-    trainer = Trainer(config)  # checks the config against the backbone before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config)  # checks the config against the backbone and reads the data before anything is written
+    verify_files(trainer.data)  # an image list's files: all there, none empty, before the run directory exists
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("--out", str(out), f"a directory that can be created ({error.strerror or error})") from None
     (out / "config.yaml").write_text(dump_yaml(config))
     (out / TRACKING_FILE).write_text(yaml.safe_dump(dataclasses.asdict(tracking), sort_keys=False))
     return trainer, out, tracking

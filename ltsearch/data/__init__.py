@@ -6,9 +6,9 @@
     for x, y in eval_batches(data, "val", batch_size=512, device=device): ...
 """
 
-from ltsearch.data.dataset import AugmentSpec, LongTailData, SourceData, build_dataset
+from ltsearch.data.dataset import AugmentSpec, LongTailData, SourceData, build_dataset, verify_files
 from ltsearch.data.loader import TrainLoader, create_train_loader, eval_batches
 from ltsearch.data.splits import Split
 
 __all__ = ["AugmentSpec", "LongTailData", "SourceData", "Split", "TrainLoader", "build_dataset",
-           "create_train_loader", "eval_batches"]
+           "create_train_loader", "eval_batches", "verify_files"]

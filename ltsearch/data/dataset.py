@@ -113,6 +113,49 @@ class LongTailData:
         }
 
 
+#: the leading bytes of the formats torchvision.io.decode_image reads (JPEG, PNG, GIF, WebP, AVIF/HEIC)
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+
+
+def _looks_like_an_image(head: bytes) -> bool:
+    return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or head[4:8] == b"ftyp"
+
+
+def verify_files(data: LongTailData) -> int:
+    """Check, before anything runs or is written, that every image file a run will read is there and is an image.
+
+    In-memory sources were read whole by `build_dataset` already; file sources (image lists) are checked
+    here: each file must exist, be non-empty and start like a JPEG, PNG, GIF, WebP or AVIF/HEIC file.
+    Raises DataError naming the first bad file (and how many more); returns the number of files checked.
+    """
+    checked = 0
+    for name in ("train", "val", "test"):
+        split = data.split(name)
+        if split.in_memory:
+            continue
+        bad: list[tuple[str, str]] = []
+        for path in dict.fromkeys(split.images):
+            checked += 1
+            try:
+                with open(path, "rb") as handle:
+                    head = handle.read(16)
+            except FileNotFoundError:
+                bad.append((path, "does not exist"))
+                continue
+            except OSError as error:
+                bad.append((path, f"cannot be read ({error.strerror or error})"))
+                continue
+            if not head:
+                bad.append((path, "is empty"))
+            elif not _looks_like_an_image(head):
+                bad.append((path, "is not a JPEG, PNG, GIF, WebP or AVIF/HEIC image"))
+        if bad:
+            path, problem = bad[0]
+            more = f" (and {len(bad) - 1} more {name} file(s))" if len(bad) > 1 else ""
+            raise DataError(f"{name} image '{path}' {problem}{more}; fix the list or the files under data.root before running")
+    return checked
+
+
 def build_dataset(cfg: DataConfig) -> LongTailData:
     """Load the configured source and apply the validation rule, the long tail and the caps."""
     cfg.validate("data")

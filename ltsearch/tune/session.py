@@ -17,12 +17,43 @@ import ray
 RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
+#: Ray's switch between "this machine only" (its processes take the loopback address as the node IP and
+#: bind to it) and "a node others can join" (they bind the machine's address or every interface). Ray reads it
+#: from this variable when imported, and from `ray_constants.ENABLE_RAY_CLUSTER` when it picks the node IP.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """While a local runtime starts, make Ray take 127.0.0.1 as the node IP, so every process it starts (GCS,
+    raylet, object manager, workers, agents) listens on the loopback interface only; restored afterwards.
+
+    The variable reaches the processes Ray spawns (they inherit the environment); the constant, the
+    driver already imported.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    previous_env, previous_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+        if previous_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = previous_env
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Use the caller's Ray runtime if there is one; else start Ray in-process (address None) or join `address`.
 
     Only what this function started is shut down. `address=None` means "local": Ray's own default
     would join whatever cluster `ray start` left on this machine, which a laptop user did not ask for.
+    A local runtime listens on 127.0.0.1 only (`loopback_only`); a cluster's processes listen where
+    that cluster was started (`ray start --node-ip-address ...`), which is the user's choice.
     Joining a token-authenticated cluster by IP:PORT needs RAY_AUTH_MODE=token before Ray is imported
     (the CLI sets it; see cli/tune.py).
     """
@@ -31,11 +62,128 @@ def ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    local = address in (None, "local")
+    with loopback_only() if local else contextlib.nullcontext():
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+# -------------------------------------------------------------------------------- checks before launch
+#: Linux's limit on a unix socket path (sun_path holds 108 bytes with the terminating NUL)
+AF_UNIX_PATH_MAX = 107
+#: the longest socket path Ray puts under its temp dir: /session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
+RAY_SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
+
+
+def ray_temp_dir() -> str:
+    """The directory a local Ray runtime puts its session (and sockets) in: $RAY_TMPDIR, else $TMPDIR, else /tmp, + /ray."""
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(root, "ray")
+
+
+def check_temp_dir(temp_dir: str | None = None) -> None:
+    """Refuse a Ray temp directory whose socket paths would exceed AF_UNIX's limit (Ray fails with an OSError)."""
+    from ltsearch.errors import ConfigError
+
+    temp_dir = temp_dir or ray_temp_dir()
+    longest = len(os.fsencode(temp_dir)) + RAY_SOCKET_SUFFIX
+    if longest > AF_UNIX_PATH_MAX:
+        raise ConfigError("RAY_TMPDIR", temp_dir, f"a directory whose path is at most {AF_UNIX_PATH_MAX - RAY_SOCKET_SUFFIX} characters: "
+                          f"Ray's unix sockets below it would be {longest} characters, over the {AF_UNIX_PATH_MAX} a socket path may hold",
+                          hint="Run with RAY_TMPDIR=/tmp (Ray's session files go there; TMPDIR may stay as it is).")
+
+
+def parse_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of `IP:PORT`, `[IPv6]:PORT` or `ray://HOST:PORT`; None when it has no port."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):
+        host, _, port = rest[1:].partition("]:")
+    else:
+        host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def check_address(address: str | None, *, timeout_s: float = 3.0) -> str | None:
+    """Before joining a cluster, make sure something listens at its address (Ray would retry for minutes).
+
+    `auto` is resolved the way Ray resolves it (RAY_ADDRESS, then the cluster `ray start` left here).
+    Returns the host:port probed (None for a local run).
+    """
+    import socket
+
+    from ltsearch.errors import ConfigError
+
+    if address in (None, "local"):
+        return None
+    target = address
+    if address == "auto":
+        from ray._private import services
+
+        try:
+            target = services.canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError, OSError) as error:
+            raise ConfigError("--address", address, f"a running Ray cluster to join ({str(error).splitlines()[0]})",
+                              hint="Start one with `ray start --head`, pass its IP:PORT, or drop --address to run locally.") from None
+        if target is None:
+            raise ConfigError("--address", address, "a running Ray cluster on this machine, but none was found (no `ray start` left its address here)",
+                              hint="Start one with `ray start --head`, pass its IP:PORT, or drop --address to run locally.")
+    parsed = parse_host_port(target)
+    if parsed is None:
+        raise ConfigError("--address", address, "auto, IP:PORT or ray://HOST:PORT with a port from 1 to 65535")
+    host, port = parsed
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise ConfigError("--address", address, f"a reachable Ray head, but nothing accepts connections at {host}:{port} ({reason})",
+                          hint="Check the head with `ray status`, or drop --address to run locally.") from None
+    return f"{host}:{port}"
+
+
+def local_capacity() -> tuple[float, int]:
+    """(CPUs, GPUs) a local Ray runtime would offer: cgroup-aware CPU count, visible CUDA devices."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except Exception:  # pragma: no cover - Ray's helper moved: fall back to the affinity mask
+        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    import torch
+
+    return cpus, torch.cuda.device_count()
+
+
+def check_resources(cpu: float, gpu: float, nodes: list[tuple[str, float, float]], where: str) -> None:
+    """Refuse a per-trial request no single node can meet (Ray would wait for it forever).
+
+    `nodes` are (name, CPUs, GPUs) of every node that could run a trial.
+    """
+    from ltsearch.errors import ConfigError
+
+    if gpu > 0 and not any(node_gpu >= gpu for _, _, node_gpu in nodes):
+        most = max((node_gpu for _, _, node_gpu in nodes), default=0)
+        if not most:
+            raise ConfigError("resources.gpu", gpu, f"0: {where} has no GPU, so a trial asking for one would wait forever",
+                              hint="Run with --set resources.gpu=0 (trials then train on CPU).")
+        raise ConfigError("resources.gpu", gpu, f"at most {most:g}, the GPUs {where} has",
+                          hint=f"Run with --set resources.gpu={most:g} or a fraction such as 0.5.")
+    if not any(node_cpu >= cpu and node_gpu >= gpu for _, node_cpu, node_gpu in nodes):
+        most = max((node_cpu for _, node_cpu, node_gpu in nodes if node_gpu >= gpu), default=0)
+        raise ConfigError("resources.cpu", cpu, f"at most {most:g}, the CPUs {where} has" + (f" beside {gpu:g} GPU(s)" if gpu else ""),
+                          hint=f"Run with --set resources.cpu={max(1, int(most)) if most >= 1 else most:g}.")
+
+
+def cluster_nodes() -> list[tuple[str, float, float]]:
+    """(address, CPUs, GPUs) of every alive node of the connected Ray cluster."""
+    return [(n.get("NodeManagerAddress", "?"), float(n.get("Resources", {}).get("CPU", 0)), float(n.get("Resources", {}).get("GPU", 0)))
+            for n in ray.nodes() if n.get("Alive")]
 
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph", "fuse.glusterfs",

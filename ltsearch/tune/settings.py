@@ -106,8 +106,49 @@ class ExecutionConfig:
 
     def validate(self, where: str) -> None:
         check.number("max_failures", self.max_failures, low=0)
-        if self.name is not None and (not self.name or "/" in self.name):
-            raise ConfigError("name", self.name, "a non-empty directory name without '/'")
+        if self.name is not None:
+            check_name("name", self.name)
+        if self.storage is not None:
+            check_storage("storage", self.storage)
+
+
+#: the sweep directory is `<name>-YYYYmmdd-HHMMSS`: 16 characters on top of the name, within a file name's 255
+MAX_NAME_LENGTH = 200
+#: storage URI schemes Ray Tune's pyarrow filesystems reach (a local path needs none)
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def check_name(key: str, name: str) -> None:
+    """A sweep name becomes one directory below the storage root: no separators, no '..', no hidden or control characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(key, name, "a non-empty directory name")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ConfigError(key, name, "a single directory name without '/', '\\' or a leading '.', so the sweep stays inside its storage root",
+                          hint="Use storage: to choose where sweeps go.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(key, name, "a name of printable characters")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(key, f"{name[:40]}... ({len(name)} characters)", f"at most {MAX_NAME_LENGTH} characters "
+                          "(the sweep directory adds '-<date>-<time>' and a file name holds 255 bytes)")
+    if len(name.encode()) > MAX_NAME_LENGTH:
+        raise ConfigError(key, name[:40] + "...", f"at most {MAX_NAME_LENGTH} bytes in UTF-8")
+
+
+def check_storage(key: str, storage: str) -> None:
+    """`storage:` is a local directory (created if missing) or a URI whose scheme Ray Tune's filesystems know."""
+    if not isinstance(storage, str) or not storage.strip() or "\x00" in storage:
+        raise ConfigError(key, storage, "a directory or a URI such as s3://bucket/sweeps")
+    if "://" in storage:
+        scheme, _, rest = storage.partition("://")
+        if scheme.lower() not in STORAGE_SCHEMES:
+            raise ConfigError(key, storage, f"a local directory or a URI with one of the schemes {list(STORAGE_SCHEMES)}",
+                              hint="For a filesystem every node mounts, give its local path (e.g. /shared/sweeps).")
+        if not rest.strip("/") and scheme.lower() != "file":
+            raise ConfigError(key, storage, f"a {scheme}:// URI with a bucket or host, e.g. {scheme}://bucket/sweeps")
+        return
+    path = Path(storage).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, storage, "a directory (or a path to create one), but it is a file")
 
 
 EXECUTION_KEYS = ("name", "storage", "resources", "checkpoint", "max_failures")
@@ -168,7 +209,8 @@ def parse_sweep(raw: dict, *, source: str) -> Sweep:
 def _parse_sweep(raw: dict, source: str) -> Sweep:
     unknown = [key for key in raw if key not in RUN_SECTIONS and key not in SWEEP_KEYS]
     if unknown:
-        raise ConfigError(unknown[0], raw[unknown[0]], f"a run-config section {list(RUN_SECTIONS)} or a search key {list(SWEEP_KEYS)}")
+        raise ConfigError(str(unknown[0]), raw[unknown[0]], f"a run-config section {list(RUN_SECTIONS)} or a search key {list(SWEEP_KEYS)}",
+                          choices=[*RUN_SECTIONS, *SWEEP_KEYS])
     if not raw.get("space"):
         raise ConfigError("space", raw.get("space"), "a non-empty mapping of config keys to distributions",
                           hint="A file without a space is a run config: use `ltsearch train`.")
@@ -181,10 +223,41 @@ def _parse_sweep(raw: dict, source: str) -> Sweep:
     tracking = parse_tracking(raw.get(TRACKING_SECTION))
     cells = space.grid_cells(exhaustive=bool(SAMPLERS.get(search.sampler).meta.get("exhaustive")))
     checked = validate_space(space, base)
+    check_scheduler_epochs(scheduler, checked.max_epochs)
+    if execution.name is None:
+        check_name("name (the search file's name, used when name: is not set)", Path(source).stem)
     if SCHEDULERS.get(scheduler.name).meta.get("population_based"):
         _check_population(scheduler, search, space)
     return Sweep(source=source, raw=raw, base=base, space=space, cells=tuple(cells), search=search, objective=objective,
                  scheduler=scheduler, execution=execution, tracking=tracking, corners_checked=checked.corners, max_epochs=checked.max_epochs)
+
+
+def check_scheduler_epochs(scheduler: SchedulerSpec, max_epochs: int) -> None:
+    """A scheduler's epoch counts must fit the trials' epochs (Ray only asserts some of this, after it started).
+
+    `max_epochs` is the longest run any trial can make (every corner of the space is checked).
+    """
+    params = scheduler.params
+    fix = f"Lower it, or raise train.epochs (the longest trial runs {max_epochs} epochs)."
+    if scheduler.name == "asha":
+        max_t = params.max_t or max_epochs
+        if params.grace_period > max_t:
+            bound = f"scheduler.max_t={params.max_t}" if params.max_t else f"train.epochs={max_epochs} (ASHA's max_t)"
+            raise ConfigError("scheduler.grace_period", params.grace_period, f"at most {bound}: no trial reaches the first rung",
+                              hint=f"Set scheduler.grace_period={min(max_t, 1) if max_t < 2 else max(1, max_t // 3)}, or raise train.epochs.")
+        if params.max_t is not None and params.max_t > max_epochs:
+            raise ConfigError("scheduler.max_t", params.max_t, f"at most train.epochs={max_epochs}, the longest trial", hint=fix)
+    elif scheduler.name == "hyperband":
+        if params.max_t is not None and params.max_t > max_epochs:
+            raise ConfigError("scheduler.max_t", params.max_t, f"at most train.epochs={max_epochs}, the longest trial", hint=fix)
+    elif scheduler.name == "median":
+        if params.grace_period >= max_epochs:
+            raise ConfigError("scheduler.grace_period", params.grace_period,
+                              f"fewer than train.epochs={max_epochs}: the rule only judges trials past their grace period", hint=fix)
+    elif scheduler.name == "pbt":
+        if params.perturbation_interval >= max_epochs:
+            raise ConfigError("scheduler.perturbation_interval", params.perturbation_interval,
+                              f"fewer than train.epochs={max_epochs}: a population is only perturbed between epochs", hint=fix)
 
 
 def _check_population(scheduler: SchedulerSpec, search: SearchConfig, space: SearchSpace) -> None:

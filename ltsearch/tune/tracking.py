@@ -118,8 +118,11 @@ def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags:
     for row in outcome.history:
         by_trial.setdefault(row["trial_id"], []).append(row)
     for trial in outcome.trials:
-        if summarized.get(trial["trial_id"]) != trial["status"]:
-            _record_trial(recorder, plan, keys, trial, by_trial.get(trial["trial_id"], []))
+        rows = by_trial.get(trial["trial_id"], [])
+        if summarized.get(trial["trial_id"]) == trial["status"]:
+            recorder.epochs(trial["trial_id"], rows)  # only steps the store lacks are written: normally none
+        else:
+            _record_trial(recorder, plan, keys, trial, rows)
     status = "FINISHED" if outcome.finished else "KILLED"
     recorder.summarize_parent(status, outcome.trials, keys, _parent_files(sweep, directory) if outcome.finished else {})
     parent_id = tracker.run_id(PARENT)

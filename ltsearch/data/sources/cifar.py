@@ -1,7 +1,9 @@
 """`cifar10` / `cifar100`: the python-pickle files torchvision's CIFAR classes read, from `data.root`.
 
-Files are read directly (`pickle.load(f, encoding="latin1")`), with or without the `filenames` key and
-without checksums, so rebuilt copies work as well as the originals. `download: true` fetches the
+Files are read directly, with or without the `filenames` key and without checksums, so rebuilt copies
+work as well as the originals, through a restricted unpickler (`SafeUnpickler`): it builds the builtin
+containers, bytes, strings and numbers, and numpy arrays through the reconstruction functions the format
+uses, and refuses any other global, so a crafted file cannot run code. `download: true` fetches the
 official archive with torchvision's downloader only when files are missing. Pixels stay uint8
 (N, 3, 32, 32); train ids are 0..49999, test ids 50000..59999.
 Normalisation: LDAM-DRW's CIFAR-10 statistics, and the usual CIFAR-100 training-set statistics.
@@ -71,7 +73,15 @@ def load_cifar(layout: CifarLayout, cfg: DataConfig) -> SourceData:
         _fetch_or_explain(layout, Path(cfg.root), folder, cfg.download)
     train_images, train_labels = _read_batches(folder, layout.train_files, layout.label_key)
     test_images, test_labels = _read_batches(folder, layout.test_files, layout.label_key)
-    class_names = [str(name) for name in _read_pickle(folder / layout.meta_file)[layout.names_key]]
+    meta = _read_pickle(folder / layout.meta_file)
+    names = meta.get(layout.names_key)
+    if not isinstance(names, (list, tuple)) or not names:
+        raise DataError(f"CIFAR file '{folder / layout.meta_file}' lacks the list '{layout.names_key}' of class names (found {sorted(map(str, meta))})")
+    class_names = [name.decode("latin1") if isinstance(name, bytes) else str(name) for name in names]
+    for split, split_labels in (("train", train_labels), ("test", test_labels)):
+        if len(split_labels) and (int(split_labels.min()) < 0 or int(split_labels.max()) >= len(class_names)):
+            raise DataError(f"{layout.title} {split} labels in '{folder}' fall outside 0..{len(class_names) - 1} "
+                            f"(the {len(class_names)} classes of {layout.meta_file})")
     train_ids = torch.arange(len(train_labels))
     return SourceData(
         train=Split(train_images, train_labels, train_ids),
@@ -103,12 +113,67 @@ def _fetch_or_explain(layout: CifarLayout, root: Path, folder: Path, download: b
         raise DataError(f"downloaded {layout.title} into '{root}', but '{folder}' still lacks {', '.join(_missing(layout, folder))}")
 
 
+#: the only globals a CIFAR pickle may name: numpy's array reconstruction (numpy 1.x and 2.x module names,
+#: pickle protocols 2 to 5); everything else (os.system, builtins.eval, any class) is refused unbuilt
+_ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as Python 3 pickles bytes at protocol 2, limited to that one use."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not part of the CIFAR format")
+    return text.encode("latin1")
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler for data files: builtin containers, bytes/str/int/float/bool/None, and numpy arrays only."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a data file")
+
+
+def safe_unpickle(handle, *, encoding: str = "latin1"):
+    """Unpickle `handle` with `SafeUnpickler`, then refuse object arrays (they could carry anything)."""
+    value = SafeUnpickler(handle, encoding=encoding).load()
+    _refuse_object_arrays(value)
+    return value
+
+
+def _refuse_object_arrays(value, depth: int = 0) -> None:
+    if isinstance(value, np.ndarray) and value.dtype.hasobject:
+        raise pickle.UnpicklingError("an array of Python objects is not part of the CIFAR format")
+    if depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            _refuse_object_arrays(item, depth + 1)
+    elif depth < 4 and isinstance(value, (list, tuple)) and value and isinstance(value[0], (np.ndarray, dict, list, tuple)):
+        for item in value:
+            _refuse_object_arrays(item, depth + 1)
+
+
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as error:
-        raise DataError(f"cannot read CIFAR file '{path}': {error}") from None
+            value = safe_unpickle(handle)
+    except pickle.UnpicklingError as error:
+        if "not allowed" in str(error) or "not part of" in str(error):
+            raise DataError(f"refusing CIFAR file '{path}': {error}; it was not written as a CIFAR batch (or was altered) "
+                            "and nothing in it was run") from None
+        raise DataError(f"cannot read CIFAR file '{path}': truncated or corrupt ({error})") from None
+    except OSError as error:
+        raise DataError(f"cannot read CIFAR file '{path}': {error.strerror or error}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read CIFAR file '{path}': truncated or corrupt ({type(error).__name__}: {str(error)[:200]})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"CIFAR file '{path}' holds a {type(value).__name__}, expected a dict of arrays")
+    return value
 
 
 def _read_batches(folder: Path, names: tuple[str, ...], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +183,15 @@ def _read_batches(folder: Path, names: tuple[str, ...], label_key: str) -> tuple
         batch = _read_pickle(folder / name)
         if "data" not in batch or label_key not in batch:
             raise DataError(f"CIFAR file '{folder / name}' lacks the keys 'data' and '{label_key}' (found {sorted(batch)})")
-        data = np.asarray(batch["data"], dtype=np.uint8)
+        try:
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            batch_labels = np.asarray(batch[label_key], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as error:
+            raise DataError(f"CIFAR file '{folder / name}': 'data' or '{label_key}' is not numeric ({error})") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DataError(f"CIFAR file '{folder / name}': 'data' has shape {data.shape}, expected (N, 3072)")
+        if batch_labels.shape != (data.shape[0],):
+            raise DataError(f"CIFAR file '{folder / name}': {batch_labels.size} labels for {data.shape[0]} images")
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        labels.append(batch_labels)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))

@@ -11,6 +11,7 @@ keeps one id; lists that share a file are refused (train, val and test must be d
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import torch
@@ -50,9 +51,11 @@ def imagelist(cfg: DataConfig) -> SourceData:
 def read_list(root: Path, list_file: Path) -> Split:
     """Parse `relative/path label` lines (blank lines skipped; the path may contain spaces)."""
     try:
-        lines = list_file.read_text().splitlines()
+        lines = list_file.read_text(encoding="utf-8").splitlines()
     except OSError as error:
-        raise DataError(f"cannot read image list '{list_file}': {error}") from None
+        raise DataError(f"cannot read image list '{list_file}': {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"cannot read image list '{list_file}': not UTF-8 text (byte {error.start})") from None
     paths, labels = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -60,7 +63,11 @@ def read_list(root: Path, list_file: Path) -> Split:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].isdigit():
             raise DataError(f"{list_file}:{number}: expected 'relative/path label' with a label integer >= 0, got {line!r}")
-        paths.append(str(root / parts[0].strip()))
+        relative = parts[0].strip()
+        if os.path.isabs(relative) or os.path.normpath(relative).split(os.sep)[0] == os.pardir:
+            raise DataError(f"{list_file}:{number}: '{relative}' is not a path inside data.root ('{root}'); "
+                            "list entries are relative paths below it")
+        paths.append(str(root / relative))
         labels.append(int(parts[1]))
     if not paths:
         raise DataError(f"image list '{list_file}' has no entries")

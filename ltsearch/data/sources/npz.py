@@ -9,6 +9,8 @@ images are flipped. The long-tail construction applies to the training arrays un
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +55,18 @@ def npz(cfg: DataConfig) -> SourceData:
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"npz file '{path}' not found (data.path)" if not path.exists() else f"data.path '{path}' is not a file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with np.load(path, allow_pickle=False) as archive:  # object arrays (pickles) are refused by numpy itself
+            if not hasattr(archive, "files"):
+                raise DataError(f"'{path}' is a single .npy array, not an .npz archive of named arrays")
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
-        raise DataError(f"cannot read npz file '{path}': {error}") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as error:
+        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise DataError(f"cannot read npz file '{path}': truncated, corrupt or not an npz archive ({type(error).__name__}: {detail})") from None
     missing = [key for key in REQUIRED if key not in arrays]
     if missing or ("x_val" in arrays) != ("y_val" in arrays):
         raise DataError(f"npz file '{path}' lacks {missing or ['x_val/y_val (give both or neither)']}; "
