@@ -145,6 +145,7 @@ def test_rows_auto_is_the_method_each_component_removed_and_the_method_off(tmp_p
     (["seeds={train: [0, 0]}"], "seeds.train"),
     (["reference={LDAM: {10: 95.0}}"], "reference.source"),
     (["rows.CE={optim.lr: -1}"], "optim.lr"),
+    (["resources.cpu=64"], "resources.cpu"),
 ])
 def test_bad_ablations_are_refused_before_anything_starts(tmp_path, capsys, overrides, key):
     out = tmp_path / "out"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import types
 
-from ltsearch.cli._common import expand_overrides
+from ltsearch.cli._common import expand_overrides, one_line_error
 from ltsearch.errors import LtsearchError, TrainingDiverged
 
 SUBCOMMANDS = ("train", "data", "tune", "ablate", "report", "check", "ui", "runs")
@@ -15,6 +16,7 @@ SUBCOMMANDS = ("train", "data", "tune", "ablate", "report", "check", "ui", "runs
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltsearch", description="Hyperparameter search and ablations for long-tailed image classification.")
+    parser.error = types.MethodType(one_line_error, parser)  # type: ignore[method-assign]  # an unknown command: one line too
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"ltsearch.cli.{name}").add_parser(sub)

@@ -7,14 +7,14 @@ import types
 from typing import NoReturn
 
 
-def _one_line_error(self: argparse.ArgumentParser, message: str) -> NoReturn:
+def one_line_error(self: argparse.ArgumentParser, message: str) -> NoReturn:
     """argparse's error as one line (no usage block), exit code 2, like every other user error."""
     self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     """`--set KEY=VALUE`; every subcommand takes it, so this is also where its argument errors become one line."""
-    parser.error = types.MethodType(_one_line_error, parser)  # type: ignore[method-assign]
+    parser.error = types.MethodType(one_line_error, parser)  # type: ignore[method-assign]
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. --set optim.lr=0.05 train.epochs=3 (several after one --set, or "
                              "--set repeated; values are YAML scalars or lists)")
