@@ -102,3 +102,14 @@ def test_several_overrides_follow_one_set_and_positionals_may_follow_them() -> N
     assert expand_overrides(["tune", "f.yaml", "--set", "a=1", "b={x: 1}", "--out", "d", "--set", "c=2"]) == \
         ["tune", "f.yaml", "--set", "a=1", "--set", "b={x: 1}", "--out", "d", "--set", "c=2"]
     assert expand_overrides(["train", "--set", "bad", "f.yaml"]) == ["train", "--set", "bad", "f.yaml"]  # reported as a bad override
+
+
+def test_an_error_in_an_override_names_the_command_line_not_the_file(tmp_path, capsys) -> None:
+    from ltsearch.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    assert main(["train", config, "--set", "optim.lr=.nan", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--set optim.lr=.nan: config key 'optim.lr'" in err and "digits.yaml" not in err
+    assert main(["train", config, "--set", "optim.momentum=2", "--out", str(tmp_path / "run")]) == 2  # still the override
+    assert "--set optim.momentum=2" in capsys.readouterr().err

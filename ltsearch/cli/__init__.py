@@ -9,7 +9,7 @@ import sys
 import types
 
 from ltsearch.cli._common import expand_overrides, one_line_error
-from ltsearch.errors import LtsearchError, TrainingDiverged
+from ltsearch.errors import ConfigError, LtsearchError, TrainingDiverged
 
 SUBCOMMANDS = ("train", "data", "tune", "ablate", "report", "check", "ui", "runs")
 
@@ -31,12 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"ltsearch {args.command}: error: {error}", file=sys.stderr)
         return TrainingDiverged.exit_code
+    except ConfigError as error:
+        print(f"ltsearch {args.command}: error: {blame_command_line(error, getattr(args, 'overrides', []))}", file=sys.stderr)
+        return 2
     except LtsearchError as error:
         print(f"ltsearch {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ltsearch {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def blame_command_line(error: ConfigError, overrides: list[str]) -> ConfigError:
+    """The same error, naming `--set KEY=VALUE` as its source when that override set the offending key.
+
+    Overrides are applied to the file before it is validated, so the error otherwise names the file, where
+    the user would look for a value they typed on the command line.
+    """
+    named = {error.key, error.key.rsplit(": ", 1)[-1], error.key.split(": ", 1)[0].split(" x ", 1)[0]}
+    for text in reversed(overrides or []):
+        key = text.partition("=")[0].strip()
+        if any(name == key or name.startswith(key + ".") or key.startswith(name + ".") for name in named):
+            return error.with_source(f"--set {text}")
+    return error
 
 
 if __name__ == "__main__":
