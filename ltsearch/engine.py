@@ -42,6 +42,7 @@ from ltsearch.losses import class_weights_for_epoch, create_loss, sampler_for_ep
 from ltsearch.metrics import classification_metrics
 from ltsearch.models import Backbone, create_backbone, num_boundaries
 from ltsearch.registry import AUGMENTERS, LOSSES
+from ltsearch.results import atomic_target
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the checkpoint before the newest, kept for a torn or corrupt newest one
@@ -463,8 +464,9 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / CHECKPOINT_FILE
         tmp = directory / (CHECKPOINT_FILE + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        _fsync(tmp)
+        with atomic_target(tmp, "the checkpoint", shown=target) as written:  # a full disk: one clear error, no torn file left
+            torch.save(self.state_dict(), written)
+            _fsync(written)
         if keep_previous and target.is_file():
             previous_tmp = directory / (PREVIOUS_CHECKPOINT_FILE + ".tmp")
             previous_tmp.unlink(missing_ok=True)

@@ -109,3 +109,12 @@ class TrainingDiverged(LtsearchError):
     def with_note(self, note: str) -> "TrainingDiverged":
         """The same error, saying where the last good checkpoint is (the engine does not know the run directory)."""
         return TrainingDiverged(self.epoch, self.epochs, self.step, self.steps_per_epoch, self.terms, note)
+
+
+class StorageError(LtsearchError):
+    """A file could not be written (disk full, read-only or vanished storage): exit code 4.
+
+    Raised after the half-written temporary file is removed, so what was written before stays whole.
+    """
+
+    exit_code = 4

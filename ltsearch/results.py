@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ltsearch.errors import StorageError
 
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | Path, what: str, shown: Path | None = None) -> Iterator[Path]:
+    """The temporary path to write `path`'s new content to; renamed over `path` on success.
+
+    On a failed write (disk full, read-only storage) the temporary file is removed and a StorageError
+    says what could not be written (`shown`, if the caller renames `path` further) and how much space is
+    left; the old file is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a short write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "its filesystem cannot be read"
+        reason = " ".join(str(error).split())[:200]
+        shown = shown or path
+        raise StorageError(f"could not write {what} {shown} ({type(error).__name__}: {reason}); {free}. "
+                           f"The previous {shown.name}, if any, is intact; free some space (or fix the storage) and rerun or resume") from None
 
 
 def write_table(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -25,9 +54,8 @@ def write_table(rows: list[dict[str, Any]], path: str | Path) -> Path:
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     table = pa.table({c: [_clean(row.get(c)) for row in rows] for c in columns}) if rows else pa.table({})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_target(path, "the table") as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -37,9 +65,8 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
 
 def write_json(data: Any, path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_target(path, "the results") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
     return path
 
 

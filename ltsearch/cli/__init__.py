@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LtsearchError as error:
         print(f"ltsearch {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)  # 2: bad input; 4: storage (StorageError)
     except KeyboardInterrupt:
         print(f"ltsearch {args.command}: interrupted", file=sys.stderr)
         return 130
