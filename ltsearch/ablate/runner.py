@@ -22,6 +22,7 @@ from ltsearch.ablate.outputs import AblationOutcome, finish_ablation
 from ltsearch.ablate.settings import Ablation, parse_ablation
 from ltsearch.ablate.tracking import AblationTracking
 from ltsearch.errors import ConfigError
+from ltsearch.tracking.store import prewarm
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import _absolute
 from ltsearch.tune.epochlog import EpochLog
@@ -50,6 +51,7 @@ def run_ablation(ablation: Ablation, *, directory: str | None = None, address: s
     pending = [run.run_id for run in ablation.runs if read_result(directory, run.run_id) is None]
     if pending:
         _check_machine(ablation, address)
+        prewarm(ablation.tracking)
     data = _datasets(plan, pending)  # a missing or corrupt dataset fails here, before anything is written or started
     launch = _prepare(ablation, directory, pending)
     print(f"ltsearch ablate: {ablation.source}: {len(ablation.rows)} rows x {len(ablation.column_labels)} columns x {len(ablation.seeds)} seeds "

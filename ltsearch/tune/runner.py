@@ -16,6 +16,7 @@ from ltsearch.config import build_run_config
 from ltsearch.errors import ConfigError
 from ltsearch.results import location_exists, read_text_from, write_text_to
 from ltsearch.tracking.record import data_tags
+from ltsearch.tracking.store import prewarm
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import SWEEP_FILE, TRIALS_FILE, _absolute, _join, _split
 from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, TUNE_DOMAINS, SchedulerContext
@@ -39,6 +40,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
         raise ConfigError("--out", directory, "a sweep directory that does not exist yet (nothing already run is ever overwritten)",
                           hint=f"Continue it with `ltsearch tune --resume {directory}`, or choose another --out.")
     stream = stream or sys.stdout
+    prewarm(sweep.tracking)
     with ray_session(address):
         _warn_if_storage_is_local(directory, stream)
         saved = {**sweep.raw, TRACKING_SECTION: pinned_tracking(sweep)} if sweep.tracking.enabled else sweep.raw
