@@ -27,7 +27,7 @@ from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import _absolute
 from ltsearch.tune.epochlog import EpochLog
 from ltsearch.tune.progress import ProgressTable
-from ltsearch.tune.session import ray_session
+from ltsearch.tune.session import check_machine, ray_session
 from ltsearch.tune.settings import Objective
 from ltsearch.tune.trainable import trial_dirname
 
@@ -50,7 +50,7 @@ def run_ablation(ablation: Ablation, *, directory: str | None = None, address: s
     plan = CellPlan.of(ablation, directory)
     pending = [run.run_id for run in ablation.runs if read_result(directory, run.run_id) is None]
     if pending:
-        _check_machine(ablation, address)
+        check_machine(ablation.execution.resources.cpu, ablation.execution.resources.gpu, address)
         prewarm(ablation.tracking)
     data = _datasets(plan, pending)  # a missing or corrupt dataset fails here, before anything is written or started
     launch = _prepare(ablation, directory, pending)
@@ -80,20 +80,6 @@ def _check_directory(directory: str) -> None:
     path = Path(directory)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / ABLATION_FILE).is_file())):
         raise ConfigError("--out", directory, "a new directory or one holding this ablation (ablation.yaml); this one holds something else")
-
-
-def _check_machine(ablation: Ablation, address: str | None) -> None:
-    """What `ltsearch tune` checks before launch: this machine can run one run (else Ray waits forever), or the
-    cluster address answers, and Ray's socket paths fit."""
-    from ltsearch.tune.session import check_address, check_resources, check_temp_dir, local_capacity
-
-    resources = ablation.execution.resources
-    if address in (None, "local"):
-        check_temp_dir()
-        cpus, gpus = local_capacity()
-        check_resources(resources.cpu, resources.gpu, [("this machine", cpus, gpus)], "this machine")
-    else:
-        check_address(address)
 
 
 def _datasets(plan: CellPlan, pending: list[str]) -> dict[str, Any]:

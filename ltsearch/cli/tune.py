@@ -116,15 +116,9 @@ def preflight(sweep: "Sweep", address: str | None, out: str | None) -> None:
     cluster's resources are checked once connected (`check_cluster`). Both: the sweep directory can be
     created, and every data file a trial reads is there and readable (`check_data`).
     """
-    from ltsearch.tune.session import check_address, check_resources, check_temp_dir, local_capacity
+    from ltsearch.tune.session import check_machine
 
-    resources = sweep.execution.resources
-    if address in (None, "local"):
-        check_temp_dir()
-        cpus, gpus = local_capacity()
-        check_resources(resources.cpu, resources.gpu, [("this machine", cpus, gpus)], "this machine")
-    else:
-        check_address(address)
+    check_machine(sweep.execution.resources.cpu, sweep.execution.resources.gpu, address)
     check_location(out or sweep.default_dir(), "--out" if out or not sweep.execution.storage else "storage")
     check_data(sweep)
 

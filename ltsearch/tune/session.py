@@ -160,6 +160,17 @@ def local_capacity() -> tuple[float, int]:
     return cpus, torch.cuda.device_count()
 
 
+def check_machine(cpu: float, gpu: float, address: str | None) -> None:
+    """Before launch: a local run fits this machine (one trial's CPUs and GPUs; else Ray waits forever) and
+    Ray's socket paths fit AF_UNIX's limit; a cluster run's address answers (its resources are checked once joined)."""
+    if address in (None, "local"):
+        check_temp_dir()
+        cpus, gpus = local_capacity()
+        check_resources(cpu, gpu, [("this machine", cpus, gpus)], "this machine")
+    else:
+        check_address(address)
+
+
 def check_resources(cpu: float, gpu: float, nodes: list[tuple[str, float, float]], where: str) -> None:
     """Refuse a per-trial request no single node can meet (Ray would wait for it forever).
 
