@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -72,3 +74,48 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def derived_seed(seed: int, stream: str) -> int:
+    """A seed for one named random stream of a run, independent of every other stream's use."""
+    return int(hashlib.sha256(f"{seed}:{stream}".encode()).hexdigest()[:15], 16)
+
+
+class RngStream:
+    """A private stream of torch's random numbers (CPU, and the run's CUDA device when there is one).
+
+    Inside `active()` torch's global generators draw from this stream and, on leaving, its state is kept
+    and the global generators are put back exactly as they were. An augmenter's draws therefore never
+    shift the backbone's (or another method's) random numbers: runs that differ only in a method's knobs
+    see the same backbone stream, which is what lets a shared training prefix be forked bit-exactly.
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self.cpu = torch.Generator().manual_seed(seed).get_state()
+        self.cuda = torch.Generator(device=device).manual_seed(seed).get_state() if device.type == "cuda" else None
+
+    def _cuda_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        devices = [self._cuda_index()] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, devices[0])
+            try:
+                yield
+            finally:
+                self.cpu = torch.get_rng_state()
+                if self.cuda is not None:
+                    self.cuda = torch.cuda.get_rng_state(devices[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cpu": self.cpu.clone(), **({"cuda": self.cuda.clone()} if self.cuda is not None else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cpu = state["cpu"].clone()
+        if self.cuda is not None and "cuda" in state:
+            self.cuda = state["cuda"].clone()

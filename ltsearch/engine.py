@@ -41,12 +41,13 @@ from ltsearch.errors import CheckpointError, ConfigError, UnsafeFileError
 from ltsearch.losses import class_weights_for_epoch, create_loss, sampler_for_epoch
 from ltsearch.metrics import classification_metrics
 from ltsearch.models import Backbone, create_backbone, num_boundaries
+from ltsearch.prefix import SHARED_PREFIX
 from ltsearch.registry import AUGMENTERS, LOSSES
 from ltsearch.results import atomic_target
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the checkpoint before the newest, kept for a torn or corrupt newest one
-CHECKPOINT_FORMAT = 2  # 2: numpy's RNG key as a list (loads with weights_only=True); 1: as an ndarray
+CHECKPOINT_FORMAT = 3  # 3: + the augmenter's own random stream; 2: numpy's RNG key as a list (weights_only=True); 1: as an ndarray
 STATE_KEYS = ("config", "epoch", "step", "model", "augmenter", "optimizer", "loader", "rng", "best", "history")
 
 
@@ -65,6 +66,14 @@ def check_compatible(config: RunConfig) -> None:
     if config.augmenter.name != "none" and start >= config.train.epochs:
         raise ConfigError("augmenter.start_epoch", start, f"an epoch index below train.epochs={config.train.epochs}, otherwise the method never runs",
                           hint="Lower augmenter.start_epoch or raise train.epochs.")
+
+
+def active_epochs(config: RunConfig, epochs_done: int) -> int:
+    """Epochs of `epochs_done` that come after the method's start epoch T (<= 0 before it; all of them without a
+    method). Schedulers count these, so ASHA's grace period starts at T whether or not the prefix was shared."""
+    name = config.augmenter.name
+    start = 0 if name == "none" else resolve_start_epoch(name, config.augmenter.start_epoch, config.train.epochs)
+    return epochs_done - start
 
 
 def _feature_spec(model: Backbone, k: int, data: LongTailData) -> FeatureSpec:
@@ -332,7 +341,8 @@ class Trainer:
         sampler = self.augmenter.sampler(epoch) or sampler_for_epoch(cfg.loss.resample, epoch)
         self.model.train()
         self.augmenter.train()
-        self.augmenter.on_epoch_start(epoch)
+        with self.augmenter.rng.active():
+            self.augmenter.on_epoch_start(epoch)
         self._apply_trainable_filter(epoch)
         return sampler, class_weights
 
@@ -345,7 +355,9 @@ class Trainer:
         state = TrainState(epoch=self.epoch, epochs=cfg.train.epochs, step=self.step, steps_per_epoch=len(self.loader),
                            model=self.model, class_weights=class_weights)
         with self._autocast():
-            out = self.augmenter(self.model.forward_until(k, x), y, state)
+            feats = self.model.forward_until(k, x)
+            with self.augmenter.rng.active():
+                out = self.augmenter(feats, y, state)
             logits = self.model.forward_from(k, out.feats)
             cls_loss = self.loss_fn(logits.float(), out.labels, sample_weights=out.sample_weights, class_weights=class_weights)
             loss = self.augmenter.cls_weight * cls_loss
@@ -418,10 +430,11 @@ class Trainer:
         result = classification_metrics(torch.cat(preds).cpu(), torch.cat(labels).cpu(), self.data.num_classes, self.class_counts)
         return {f"{split}/{k}": v for k, v in result.items() if v is not None}
 
-    def run(self) -> Iterator[EpochResult]:
-        """Train from `self.epoch` to the end, yielding after each epoch (train, val and test metrics)."""
+    def run(self, until: int | None = None) -> Iterator[EpochResult]:
+        """Train from `self.epoch` to the end (or to epoch `until`), yielding after each epoch (train, val and test metrics)."""
         select = self.config.train.select_metric
-        while self.epoch < self.config.train.epochs:
+        end = self.config.train.epochs if until is None else min(until, self.config.train.epochs)
+        while self.epoch < end:
             metrics = {"epoch": self.epoch, **self.train_epoch(), **self.evaluate("val"), **self.evaluate("test")}
             score = metrics.get(select)
             is_best = score is not None and (not self.best or score > self.best["score"])
@@ -441,7 +454,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "config": to_dict(self.config), "epoch": self.epoch, "step": self.step,
             "model": self.model.state_dict(), "augmenter": self.augmenter.state_dict(),
             "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-            "rng": capture_rng_state(), "best": _plain(copy.deepcopy(self.best)), "history": _plain(copy.deepcopy(self.history)),
+            "rng": {**capture_rng_state(), "augmenter": self.augmenter.rng.state_dict()}, "best": _plain(copy.deepcopy(self.best)), "history": _plain(copy.deepcopy(self.history)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -450,8 +463,33 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
+        if "augmenter" in state["rng"]:  # format 3; older runs keep the freshly seeded stream
+            self.augmenter.rng.load_state_dict(state["rng"]["augmenter"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
+
+    def load_prefix(self, state: dict[str, Any], *, method_trains_before_start: bool) -> None:
+        """Continue from a shared prefix's state at its fork epoch T as if this run had trained [0, T) itself.
+
+        The backbone, loader, global RNG, step, history and best are the prefix's: by the prefix key they
+        are what this run would have reached. The method's modules, optimiser slots and random stream are
+        the prefix's only when the method changes them before T (`BeforeStart.trains`); otherwise this
+        run keeps its own freshly built ones, which is what it would have had at T (a post-T knob may even
+        change their shapes). The prefix's epochs are marked `prefix/shared` in the history.
+        """
+        self.model.load_state_dict(state["model"])
+        self.loader.load_state_dict(state["loader"])
+        restore_rng_state(state["rng"])
+        if method_trains_before_start:
+            self.augmenter.load_state_dict(state["augmenter"])
+            self.augmenter.rng.load_state_dict(state["rng"]["augmenter"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(_backbone_optimizer_state(state["optimizer"], self.optimizer.state_dict(),
+                                                                     len(list(self.model.parameters()))))
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best = state["best"]
+        self.history = [{**row, SHARED_PREFIX: 1} for row in state["history"]]
 
     def save_checkpoint(self, directory: str | Path, *, keep_previous: bool = True) -> Path:
         """Atomically write `directory/checkpoint.pt` (a crash mid-write never leaves a torn checkpoint).
@@ -526,6 +564,14 @@ class Trainer:
                                   f"{' '.join(lines[:2])[:300]}") from None
         trainer.restore_note = note
         return trainer
+
+
+def _backbone_optimizer_state(prefix: dict[str, Any], own: dict[str, Any], backbone_params: int) -> dict[str, Any]:
+    """The optimiser state with the prefix's slots for the backbone's parameters (the first ones) and this
+    run's own for the method's (none before T: SGD keeps no state for a parameter that never had a gradient)."""
+    state = {index: slots for index, slots in own["state"].items() if index >= backbone_params}
+    state.update({index: slots for index, slots in prefix["state"].items() if index < backbone_params})
+    return {"state": state, "param_groups": own["param_groups"]}
 
 
 def fit(config: RunConfig, *, data: LongTailData | None = None, resume_from: str | Path | None = None,

@@ -24,6 +24,8 @@ A method registers itself with
 
 `defaults` are the paper's: `insert_at` may count from the end (-1 = the last feature map, before
 pooling), `start_fraction` is T_th as a fraction of `train.epochs` (RSG: 160/200 = 0.8).
+`before_start=BeforeStart(...)` declares what of the method can change epochs [0, T_th): runs that
+agree on everything else share one training prefix (see `ltsearch.prefix`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from ltsearch._runtime import RngStream, derived_seed
 from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS
 
@@ -50,6 +53,25 @@ class FeatureSpec:
     channels: int
     height: int
     width: int
+
+
+@dataclass(frozen=True)
+class BeforeStart:
+    """What of a method can change training before its activation epoch T (`start_epoch`).
+
+    `keys` are config keys under `augmenter.` (e.g. "rsg.num_centers", "insert_at", "head_ratio",
+    "start_epoch") that change any epoch before T: the loss, the samples, the backbone's gradients, or
+    the method's own modules, buffers and random stream. Every other key of the method only acts from
+    T on, so runs differing only in those share epochs [0, T) bit for bit and train them once.
+    `trains` is True when the method's own state changes before T (RSG's centres learn from epoch 0):
+    a forked run then takes the method's modules, optimiser slots and random stream from the prefix,
+    otherwise it keeps its own freshly built ones. The exactness tests (tests/test_prefix_exact.py)
+    change every key not declared here and fail if that changes a forked run.
+    An undeclared method counts every key as pre-T (safe: it only shares with identical configs).
+    """
+
+    keys: tuple[str, ...] = ()
+    trains: bool = False
 
 
 @dataclass
@@ -211,6 +233,8 @@ class Augmenter(nn.Module):
         self.register_buffer("class_counts", context.class_counts.clone().long(), persistent=False)
         self.register_buffer("head_mask", context.head_mask.clone().bool(), persistent=False)
         self.diagnostics = DiagnosticMeter()
+        #: the method's own random stream: the engine runs the step and the epoch hook inside `rng.active()`
+        self.rng = RngStream(derived_seed(context.config.train.seed, "augmenter"), context.device)
 
     # ------------------------------------------------------------------ what the engine calls
     def active(self, epoch: int) -> bool:
@@ -293,6 +317,16 @@ def resolve_head_ratio(name: str, head_ratio: float | None) -> float:
 
 
 def create_augmenter(context: AugmenterContext) -> Augmenter:
-    """Build the configured method from the registry; the engine never names a method."""
+    """Build the configured method from the registry; the engine never names a method.
+
+    Construction draws (initial weights) come from a stream of their own, so a method's size (a
+    post-T knob such as a hidden width) never shifts the backbone's random numbers.
+    """
     name = context.config.augmenter.name
-    return AUGMENTERS.get(name).obj(context)
+    with RngStream(derived_seed(context.config.train.seed, "augmenter-init"), context.device).active():
+        return AUGMENTERS.get(name).obj(context)
+
+
+def before_start_of(name: str) -> BeforeStart | None:
+    """The method's declaration, or None when it declared nothing (then every key counts as pre-T)."""
+    return AUGMENTERS.get(name).meta.get("before_start")

@@ -72,7 +72,7 @@ from ltsearch.augmenters._lcreg_terms import (Assignment, OnlineCovariance, Redu
                                               implicit_augmentation_loss, latent_features, latent_perplexity,
                                               latents_won, reconstruction_chance, reconstruction_loss,
                                               similarity_logits)
-from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, TrainState
+from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, BeforeStart, TrainState
 from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS, SAMPLERS
 
@@ -125,7 +125,20 @@ class LcregConfig:
 
 @AUGMENTERS.register("lcreg", config=LcregConfig, defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5},
                      components={"L_latent_aug": {"augmenter.lcreg.aug_weight": 0.0},      # α of Eq. 10 (Table 7's "latent aug")
-                                 "L_Recon": {"augmenter.lcreg.recon_weight": 0.0}})        # β of Eq. 10 (Table 7's "latent recon")
+                                 "L_Recon": {"augmenter.lcreg.recon_weight": 0.0}},        # β of Eq. 10 (Table 7's "latent recon")
+                     # Active from epoch 0 by default (nothing to share). With start_epoch > 0 the step is the
+                     # identity before T and the latents, FC and decoder get no gradient; evaluation runs
+                     # `eval_transform` = f + decoder(S) from epoch 0, but the decoder is zero-initialised and
+                     # untrained before T, so it adds exactly 0. Nothing of LCReg's own state changes before T.
+                     before_start=BeforeStart(keys=(
+                         "lcreg.cls_weight",            # γ: the engine scales L_cls by `cls_weight` on every step, before T too
+                         "lcreg.second_stage_epochs",   # the classifier-only stage (trainable filter, frozen BN, sampler)
+                                                        # follows train.epochs, not T: it falls before T when
+                                                        # start_epoch > epochs - second_stage_epochs
+                         "lcreg.second_stage_sampler",  # that stage's sampler, then drawn before T
+                         "head_ratio",                  # the head mask goes to the train loader; a DRS schedule with
+                                                        # the `head_tail` sampler (loss.resample.sampler) draws from it
+                     ), trains=False))
 class Lcreg(Augmenter):
     """Latent categories on the feature map at the insertion boundary, trained by L_Recon and L_latent_aug.
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltsearch import _checks as check
-from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, TrainState
+from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, BeforeStart, TrainState
 from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS
 
@@ -194,7 +194,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 @AUGMENTERS.register("m2m", config=M2mConfig,
                      defaults={"insert_at": 0, "start_fraction": 160 / 200, "head_ratio": 1 / 3},
                      components={"λ·f_k0": {"augmenter.m2m.lam": 0.0},                    # Table 4's "M2m (λ = 0)"
-                                 "deferred scheduling": {"augmenter.start_epoch": 0}})     # Table 4's "M2m-RS"
+                                 "deferred scheduling": {"augmenter.start_epoch": 0}},     # Table 4's "M2m-RS"
+                     # Before the deferral epoch M2m is the identity: its sampler is None (the loss schedule's),
+                     # `on_epoch_start` fetches g only once active (g is trained or loaded at T, never before),
+                     # its buffers (acceptance matrix, generation probability) are constants of the class counts
+                     # and β that only the active step reads, and it has no parameters and draws nothing.
+                     # What still reaches epochs [0, T): the head mask (unused by M2m itself), which the engine
+                     # hands to the train loader, where a DRS schedule with the `head_tail` sampler
+                     # (loss.resample.sampler) draws from it before T.
+                     before_start=BeforeStart(keys=("head_ratio",), trains=False))
 class M2m(Augmenter):
     """Replaces oversampled minority samples by translated majority seeds (Alg. 1 on mini-batches).
 

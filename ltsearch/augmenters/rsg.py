@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltsearch import _checks as check
-from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, TrainState
+from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, BeforeStart, TrainState
 from ltsearch.registry import AUGMENTERS
 
 CESC_TERMS = ("cesc_center", "cesc_contrastive")
@@ -230,7 +230,22 @@ def mv_length_term(transformed: torch.Tensor, displacement: torch.Tensor, groupi
                                  "L_MV 1st term": {"augmenter.rsg.mv_direction": 0.0},       # Table 3's MV rows
                                  "L_MV 2nd term": {"augmenter.rsg.mv_length": 0.0},
                                  "L_MV 3rd term": {"augmenter.rsg.mv_contrastive": 0.0},
-                                 "vector transformation": {"augmenter.rsg.vector_transform": False}})  # = Table 3's "Direct Addition"
+                                 "vector transformation": {"augmenter.rsg.vector_transform": False}},  # = Table 3's "Direct Addition"
+                     before_start=BeforeStart(keys=(
+                         # Algorithm 1, j < T_th: `before_start` trains the centres, the assignment and the
+                         # contrastive module on the maps at the boundary from epoch 0 (trains=True below)
+                         "insert_at",                     # which maps L_CESC sees, and the modules' channel count
+                         "rsg.num_centers",               # K: shape and random init of the centre estimation
+                         "rsg.contrastive_channels",      # width of the contrastive module trained by L_CESC's 2nd term
+                         "rsg.contrastive_first_kernel",  # its first conv (shape, init, what it computes)
+                         "rsg.lambda_cesc",               # λ1: weight of L_CESC in every step's loss (the modules' step size)
+                         "rsg.cesc_center",               # multiplier of L_CESC's centre term (0 skips it)
+                         "rsg.cesc_contrastive",          # multiplier of the pair term (0 skips it and its randperm draws)
+                         "rsg.cesc_literal",              # the logged centre term (train/loss, train/aux/cesc_center) gains the spread
+                         # the head mask goes to the train loader; a DRS schedule with the `head_tail` sampler
+                         # (loss.resample.sampler) draws its batches from it before T
+                         "head_ratio",
+                     ), trains=True))
 class Rsg(Augmenter):
     """Centres and contrastive module learn before T_th; generation and L_MV run from T_th on (Algorithm 1).
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltsearch import _checks as check
-from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, TrainState
+from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, BeforeStart, TrainState
 from ltsearch.data.samplers import cycled_permutation
 from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS, SAMPLERS
@@ -200,7 +200,13 @@ def same_class_pairs(labels: torch.Tensor, class_counts: torch.Tensor, *, num_sa
                      components={"L_r": {"augmenter.safa.lambda_recycle": 0.0},          # Table 6 rows: each term of Eq. 1 off
                                  "L_ms^t": {"augmenter.safa.lambda_ms_tail": 0.0},
                                  "L_ms^h": {"augmenter.safa.lambda_ms_head": 0.0},
-                                 "L_c": {"augmenter.safa.lambda_contrastive": 0.0}})
+                                 "L_c": {"augmenter.safa.lambda_contrastive": 0.0}},
+                     # Before T_th SAFA is the identity: no step, no epoch hook, no loss term, its sampler is
+                     # None (the loss schedule's), evaluation is the identity, and E, D, G, Q (built in their
+                     # own init stream) get no gradient and update no BatchNorm statistics. What still reaches
+                     # epochs [0, T): the head mask, which the engine hands to the train loader, where a DRS
+                     # schedule with the `head_tail` sampler (loss.resample.sampler) draws from it before T.
+                     before_start=BeforeStart(keys=("head_ratio",), trains=False))
 class Safa(Augmenter):
     """SAFA as a plug-in at boundary k (Fig. 2).
 

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltsearch import _checks as check
-from ltsearch.augmenters.base import Augmenter, AugmenterContext, AugmentOutput, TrainState
+from ltsearch.augmenters.base import Augmenter, AugmenterContext, AugmentOutput, BeforeStart, TrainState
 from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS
 
@@ -242,7 +242,19 @@ class ClassMoments(nn.Module):
 
 # ------------------------------------------------------------------------------------ the method
 @AUGMENTERS.register("smart", config=SmartConfig, defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5},
-                     components={"W": {"augmenter.smart.weights": False}})  # Table 4's semantic-aware weights (Eq. 10-11)
+                     components={"W": {"augmenter.smart.weights": False}},  # Table 4's semantic-aware weights (Eq. 10-11)
+                     # Active from epoch 0 by default (nothing to share); with start_epoch > 0, `before_start`
+                     # keeps the class moments (Eq. 2-3) current on every step before T (trains=True below)
+                     before_start=BeforeStart(keys=(
+                         "insert_at",            # which maps the moments are taken of, and their channel count
+                         "smart.ema",            # dynamic (α = M/N) or fixed (α = momentum) update of the moments
+                         "smart.momentum",       # α of the fixed EMA
+                         "smart.covariance",     # full D×D or diagonal moments (the buffers' shape and values)
+                         "smart.selection",      # "fixed" adds the `fixed_head` buffer, drawn at construction from the
+                                                 # head mask: part of the state a fork takes from the prefix
+                         "head_ratio",           # the head mask: `fixed_head`'s draw, and the train loader's (a DRS
+                                                 # schedule with the `head_tail` sampler draws from it before T)
+                     ), trains=True))
 class Smart(Augmenter):
     """Algorithm 1 of SMART: per step, update the class moments from the batch (Eq. 2–3), draw a head
     class for each tail sample, build Σ_th (Eq. 4–5), move tail features (Eq. 6) and weight them (Eq. 11).
