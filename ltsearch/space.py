@@ -474,10 +474,12 @@ def apply_point(base: dict, point: Point) -> dict:
 
 @dataclass(frozen=True)
 class SpaceCheck:
-    """What validating a space found: how many corners were built and checked, and the longest run among them."""
+    """What validating a space found: how many corners were built and checked, the longest run among them,
+    and the most epochs any run trains after its method's start epoch (what schedulers count)."""
 
     corners: int
     max_epochs: int
+    max_active_epochs: int
 
 
 def validate_space(space: SearchSpace, base: dict, *, source: str | None = None) -> SpaceCheck:
@@ -485,10 +487,10 @@ def validate_space(space: SearchSpace, base: dict, *, source: str | None = None)
 
     Raises ConfigError naming the space key whose range reaches outside what the config accepts.
     """
-    from ltsearch.engine import check_compatible  # backbone-dependent checks; imports torch, so only when validating
+    from ltsearch.engine import active_epochs, check_compatible  # backbone-dependent checks; imports torch, so only when validating
 
     corners = space.corners()
-    max_epochs = 0
+    max_epochs = max_active = 0
     for point in corners:
         try:
             config = build_run_config(apply_point(base, point))
@@ -502,7 +504,8 @@ def validate_space(space: SearchSpace, base: dict, *, source: str | None = None)
                               f"'{error.key}' = {error.value!r}, which must be {error.expected}",
                               hint=f"Narrow the range of {blamed} (or change the base config).", source=source) from None
         max_epochs = max(max_epochs, config.train.epochs)
-    return SpaceCheck(corners=len(corners), max_epochs=max_epochs)
+        max_active = max(max_active, active_epochs(config, config.train.epochs))
+    return SpaceCheck(corners=len(corners), max_epochs=max_epochs, max_active_epochs=max_active)
 
 
 __all__ = ["DISTRIBUTIONS", "Distribution", "Uniform", "LogUniform", "IntRange", "Choice", "Grid", "Condition", "Param",

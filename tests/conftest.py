@@ -23,6 +23,13 @@ def cifar_root() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """M2m's g and shared prefixes are cached in a temporary directory, never in ~/.cache (a test that expects
+    a prefix to be trained must not find one an earlier test run left). Modules may point it elsewhere."""
+    os.environ.setdefault("LTSEARCH_CACHE", str(tmp_path_factory.mktemp("ltsearch-cache")))
+
+
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test tracks into its own sqlite store (the default would be ./mlruns.db in the repository)."""

@@ -24,6 +24,8 @@ from ray import tune
 from ltsearch.ablate.settings import Ablation, Run
 from ltsearch.config import build_run_config, dump_yaml
 from ltsearch.errors import TrainingDiverged
+from ltsearch.prefix import PREFIX_KEY
+from ltsearch.prefix.fork import PrefixSharing, start_trainer
 from ltsearch.results import write_json, write_table
 from ltsearch.space import apply_point
 from ltsearch.tracking.record import CLASS_COUNTS, PER_CLASS
@@ -81,8 +83,12 @@ def data_key(config: Any) -> str:
     return json.dumps(to_dict(config.data), sort_keys=True)
 
 
-def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = None) -> None:
-    """Ray Tune function trainable for one run: resumes from its own checkpoint, reports every epoch."""
+def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = None, sharing: PrefixSharing | None = None) -> None:
+    """Ray Tune function trainable for one run: resumes from its own checkpoint, reports every epoch.
+
+    A new run whose rows agree with others until the method's start epoch forks their shared prefix
+    (`sharing`); the prefix's epochs are reported first, marked `prefix/shared`, as if it had trained them.
+    """
     import ray
 
     from ltsearch.engine import CHECKPOINT_FILE, Trainer, summarize
@@ -91,15 +97,24 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
     run_config = plan.run_config(run)
     where = run_dir(plan.directory, run.run_id)
     data = ray.get(datasets[plan.data_keys[run.run_id]]) if datasets else None
+    started = time.time()
+    replay: list[dict[str, Any]] = []
     if (where / CHECKPOINT_FILE).is_file():
         trainer = Trainer.restore(where, data=data, config=run_config)
     else:
-        trainer = Trainer(run_config, data=data)
         where.mkdir(parents=True, exist_ok=True)
         (where / "config.yaml").write_text(dump_yaml(run_config))
+        try:
+            trainer, _ = start_trainer(run_config, sharing, data)
+        except TrainingDiverged as error:  # the shared prefix diverged: so would this run, from scratch
+            write_json({"status": "error", "error": str(error), "epochs": 0, "seconds": time.time() - started}, where / RESULT_FILE)
+            return
+        replay = list(trainer.history)
     counts = trainer.class_counts.tolist()
     epochs = run_config.train.epochs
-    started = time.time()
+    for row in replay:
+        tune.report({**_scalars(row), EPOCHS: row["epoch"] + 1, PER_CLASS: row.get(PER_CLASS), CLASS_COUNTS: counts,
+                     PREFIX_KEY: row.get(PREFIX_KEY)})
     try:
         for result in trainer.run():
             if (result.epoch + 1) % plan.checkpoint_every == 0 or result.epoch + 1 == epochs:
@@ -113,3 +128,7 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
     write_json({"status": "completed", "epochs": trainer.epoch, "best_epoch": summary["best_epoch"], "select_metric": summary["select_metric"],
                 "metrics": summary["best"], "legacy/best_test_top1": summary["legacy/best_test_top1"], CLASS_COUNTS: counts, "seconds": time.time() - started},
                where / RESULT_FILE)
+
+
+def _scalars(row: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

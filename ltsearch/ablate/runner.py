@@ -22,6 +22,7 @@ from ltsearch.ablate.outputs import AblationOutcome, finish_ablation
 from ltsearch.ablate.settings import Ablation, parse_ablation
 from ltsearch.ablate.tracking import AblationTracking
 from ltsearch.errors import ConfigError
+from ltsearch.prefix.fork import open_sharing, report_sharing
 from ltsearch.tracking.store import prewarm
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import _absolute
@@ -117,7 +118,9 @@ def _fit(ablation: Ablation, plan: CellPlan, launch: Launch, data: dict[str, Any
 
     datasets = {key: ray.put(value) for key, value in data.items()}  # once each in the object store, for all runs
     resources = ablation.execution.resources
-    trainable = tune.with_resources(tune.with_parameters(train_cell, plan=plan, datasets=datasets), {"cpu": resources.cpu, "gpu": resources.gpu})
+    sharing = open_sharing(launch.directory, ablation.execution.share_prefix, ablation.execution.checkpoint.every)
+    trainable = tune.with_resources(tune.with_parameters(train_cell, plan=plan, datasets=datasets, sharing=sharing),
+                                    {"cpu": resources.cpu, "gpu": resources.gpu})
     objective = Objective(metric="val/top1", mode="max")
     progress = ProgressTable([RUN_KEY], objective, max(run.epochs for run in ablation.runs), progress_interval_s, stream)
     live = AblationTracking(ablation, launch.directory) if ablation.tracking.enabled else None
@@ -132,4 +135,5 @@ def _fit(ablation: Ablation, plan: CellPlan, launch: Launch, data: dict[str, Any
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
     tuner.fit()
+    report_sharing(sharing, stream)
     return live

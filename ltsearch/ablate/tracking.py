@@ -126,6 +126,7 @@ def record_ablation(ablation: Ablation, directory: str, outcome: Any, records: l
     for name, content in {**files, "ablation.yaml": _saved(directory)}.items():
         if content:
             tracker.log_artifact(PARENT, name, content)
+    recorder.close_prefix_runs()
     tracker.close_run(PARENT, "FINISHED" if outcome.finished else "KILLED")
     parent_id = tracker.run_id(PARENT)
     if record.finish(tracker, stream=stream) or parent_id is None:

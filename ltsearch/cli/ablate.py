@@ -25,12 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "ablation is continued: only runs without a result are trained")
     parser.add_argument("--resume", metavar="DIR", help="continue the ablation saved in DIR (its ablation.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="validate every run and print the matrix shape, runs and epochs; start nothing")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="train every one of the runs from epoch 0, even those that agree until their method's start epoch "
+                             "(by default such runs train that shared prefix once and fork from it; same as --set share_prefix=false)")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS", help="seconds between progress tables (default 10)")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     use_token_auth(args.address)
+    if args.no_share_prefix:
+        args.overrides = [*args.overrides, "share_prefix=false"]
     from ltsearch.ablate.runner import resume_ablation, run_ablation
     from ltsearch.ablate.settings import load_ablation
 
@@ -44,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("file", None, "an ablation file, e.g. `ltsearch ablate ablations/safa_table6.yaml`, or --resume DIR")
         ablation = load_ablation(args.file, args.overrides)
         if args.dry_run:
+            from ltsearch.prefix.plan import ablation_configs, describe_sharing
+
             print(ablation.describe())
+            print(describe_sharing(ablation_configs(ablation), ablation.execution.share_prefix))
             return 0
         outcome = run_ablation(ablation, directory=args.out, address=args.address, progress_interval_s=args.progress_every)
     if not outcome.finished:

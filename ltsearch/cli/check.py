@@ -31,7 +31,11 @@ def run(args: argparse.Namespace) -> int:
     if "rows" in raw:  # an ablation file: the same validation as `ltsearch ablate --dry-run`
         from ltsearch.ablate.settings import load_ablation
 
-        print(load_ablation(args.file, args.overrides).describe())
+        from ltsearch.prefix.plan import ablation_configs, describe_sharing
+
+        ablation = load_ablation(args.file, args.overrides)
+        print(ablation.describe())
+        print(describe_sharing(ablation_configs(ablation), ablation.execution.share_prefix))
         return 0
     if "space" not in raw:
         from ltsearch.engine import check_compatible
@@ -52,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(sweep: "Sweep") -> str:
-    """What `check` prints: validity, trials, epochs, the space, and how it would run."""
+    """What `check` prints: validity, trials, epochs, the shared prefixes, the space, and how it would run."""
+    from ltsearch.prefix.plan import describe_sharing, sampled_sweep_configs
+
     search, execution = sweep.search, sweep.execution
     grid = f" = {len(sweep.cells)} grid cells x {search.num_samples}" if sweep.cells else ""
     lines = [
@@ -60,7 +66,8 @@ def describe(sweep: "Sweep") -> str:
         f"trials: {sweep.num_trials}{grid} (sampler {search.sampler}, seed {search.seed}, "
         f"{'at most ' + str(search.max_concurrent) if search.max_concurrent else 'as many as resources allow'} at once)",
         f"epochs: at most {sweep.max_epochs} per trial, at most {sweep.max_epochs * sweep.num_trials} in all "
-        f"(scheduler {sweep.scheduler.describe(sweep.max_epochs)})",
+        f"(scheduler {sweep.scheduler.describe(sweep.max_active_epochs)}, counting epochs after the method's start epoch)",
+        describe_sharing(sampled_sweep_configs(sweep), execution.share_prefix, sampled=True),
         f"metric: {sweep.objective.metric} ({sweep.objective.mode})",
         f"resources per trial: {execution.resources.cpu:g} cpu, {execution.resources.gpu:g} gpu; "
         f"checkpoint every {execution.checkpoint.every} epoch(s); retries {execution.max_failures}",

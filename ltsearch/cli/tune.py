@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "(default: <storage or runs>/<name>-<time>); must not exist yet")
     parser.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR: finished trials are kept, "
                                                         "unfinished ones resume from their checkpoints")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="train every one of the trials from epoch 0, even those that agree until their method's start epoch "
+                             "(by default such trials train that shared prefix once and fork from it; same as --set share_prefix=false)")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS", help="seconds between progress tables (default 10)")
     parser.set_defaults(handler=run)
 
@@ -53,6 +56,8 @@ def use_token_auth(address: str | None, environ: dict[str, str] = os.environ) ->
 
 def run(args: argparse.Namespace) -> int:
     use_token_auth(args.address)
+    if args.no_share_prefix:
+        args.overrides = [*args.overrides, "share_prefix=false"]
     from ltsearch.tune import load_sweep, resume_sweep, run_sweep  # Ray and torch: imported only when a sweep runs
     from ltsearch.tune.session import ray_session
 

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import yaml
 
 from ltsearch.plots import per_class_plot, search_plot
+from ltsearch.prefix import PREFIX_KEY, SHARED_PREFIX
 from ltsearch.tracking import settings as contract
 from ltsearch.tracking.store import Tracker
 
@@ -35,6 +36,7 @@ CLASS_COUNTS = "class_counts"
 #: MLflow statuses of our trial statuses (trials.parquet)
 STATUS = {"completed": "FINISHED", "stopped": "FINISHED", "error": "FAILED", "unfinished": "KILLED"}
 PARENT = "parent"
+PREFIX_KIND = "prefix"
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -105,6 +107,8 @@ class RunRecorder:
 
     def __init__(self, tracker: Tracker, directory: str, metric: str, mode: str):
         self.tracker, self.directory, self.metric, self.mode = tracker, directory, metric, mode
+        self.linked: dict[str, str] = {}  # forked run -> its prefix run
+        self.prefix_runs: set[str] = set()
 
     # ------------------------------------------------------------------------------- parents / runs
     def open_parent(self, kind: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
@@ -119,8 +123,25 @@ class RunRecorder:
                               tags={contract.TAG_METRIC: self.metric, contract.TAG_MODE: self.mode, **(tags or {})})
 
     def epoch(self, key: str, row: dict[str, Any], extra: dict[str, float] | None = None) -> None:
-        if "epoch" in row:
-            self.tracker.log_metrics(key, int(row["epoch"]), {**epoch_metrics(row), **(extra or {})})
+        """One epoch row of run `key`; an epoch it took from a shared prefix goes to that prefix's run instead, once."""
+        if "epoch" not in row:
+            return
+        if row.get(SHARED_PREFIX) and isinstance(row.get(PREFIX_KEY), str):
+            key = self._prefix_run(key, row[PREFIX_KEY])
+        self.tracker.log_metrics(key, int(row["epoch"]), {**epoch_metrics(row), **(extra or {})})
+
+    def _prefix_run(self, forked: str, prefix_key: str) -> str:
+        """The run holding a shared prefix's epochs (a child of the parent, found again by its key), linked from `forked`."""
+        run = f"{PREFIX_KIND}:{prefix_key}"
+        if run not in self.prefix_runs:
+            self.prefix_runs.add(run)
+            self.tracker.open_run(run, name=f"shared prefix {prefix_key[:8]}", parent=PARENT, reopen=True,
+                                  find={contract.TAG_KIND: PREFIX_KIND, contract.TAG_PREFIX: prefix_key},
+                                  tags={contract.TAG_METRIC: self.metric, contract.TAG_MODE: self.mode})
+        if forked not in self.linked:
+            self.linked[forked] = run
+            self.tracker.set_tags(forked, {contract.TAG_PREFIX: prefix_key})
+        return run
 
     def epochs(self, key: str, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
@@ -143,6 +164,9 @@ class RunRecorder:
             tags["ltsearch.planned_epochs"] = planned_epochs
         if error:
             tags[contract.TAG_ERROR] = error
+        prefix_run = self.tracker.run_ids.get(self.linked[key]) if key in self.linked else None  # known by now; never waited for
+        if prefix_run is not None:
+            tags[contract.TAG_PREFIX_RUN] = prefix_run
         self.tracker.set_tags(key, tags)
         if best is not None:
             self.tracker.log_summary(key, int(best["epoch"]), summary_metrics(best))
@@ -169,7 +193,13 @@ class RunRecorder:
         self.tracker.set_tags(PARENT, tags)
         for name, content in files.items():
             self.tracker.log_artifact(PARENT, name, content)
+        self.close_prefix_runs()
         self.tracker.close_run(PARENT, status)
+
+    def close_prefix_runs(self) -> None:
+        """Shared prefixes end when their sweep or ablation does (their epochs are all logged by then)."""
+        for run in sorted(self.prefix_runs):
+            self.tracker.close_run(run, "FINISHED")
 
 
 def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ The package, by concern (this module re-exports the public names):
 
 from __future__ import annotations
 
-from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, SWEEP_FILE, TRIALS_FILE
+from ltsearch.tune._names import ACTIVE_EPOCHS, BEST_FILE, EPOCHS, HISTORY_FILE, SWEEP_FILE, TRIALS_FILE
 from ltsearch.tune.algorithms import (SAMPLERS, SCHEDULERS, TUNE_DOMAINS, AshaConfig, ClipToSpace, HyperbandConfig, MedianConfig,
                                       PbtConfig, SchedulerContext, SchedulerSpec, parse_scheduler, pbt_keys)
 from ltsearch.tune.settings import (EXECUTION_KEYS, OBJECTIVE_KEYS, SWEEP_KEYS, CheckpointSettings, ExecutionConfig, Objective,
@@ -43,7 +43,7 @@ from ltsearch.tune.outputs import RAY_KEYS, SweepOutcome, error_reason, finish
 from ltsearch.tune.runner import resume_sweep, run_sweep
 
 __all__ = [
-    "BEST_FILE", "EPOCHS", "HISTORY_FILE", "SWEEP_FILE", "TRIALS_FILE",
+    "ACTIVE_EPOCHS", "BEST_FILE", "EPOCHS", "HISTORY_FILE", "SWEEP_FILE", "TRIALS_FILE",
     "SAMPLERS", "SCHEDULERS", "TUNE_DOMAINS", "AshaConfig", "ClipToSpace", "HyperbandConfig", "MedianConfig", "PbtConfig",
     "SchedulerContext", "SchedulerSpec", "parse_scheduler", "pbt_keys",
     "EXECUTION_KEYS", "OBJECTIVE_KEYS", "SWEEP_KEYS", "CheckpointSettings", "ExecutionConfig", "Objective", "ResourcesConfig",

@@ -9,6 +9,9 @@ from pathlib import Path
 
 #: the result key schedulers count in: epochs completed (1-based), robust to restores, unlike Ray's iteration counter
 EPOCHS = "epochs"
+#: the result key schedulers count in: epochs after the method's start epoch T (= EPOCHS for runs without one),
+#: so a grace period starts at T and runs forked from a shared prefix count the same as runs trained from scratch
+ACTIVE_EPOCHS = "active_epochs"
 SWEEP_FILE = "sweep.yaml"
 BEST_FILE = "best.yaml"
 TRIALS_FILE = "trials.parquet"

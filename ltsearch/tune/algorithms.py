@@ -19,7 +19,7 @@ from ltsearch.config import build
 from ltsearch.errors import ConfigError
 from ltsearch.registry import Registry
 from ltsearch.space import Choice, Distribution, Grid, IntRange, LogUniform, SearchSpace, Uniform
-from ltsearch.tune._names import EPOCHS
+from ltsearch.tune._names import ACTIVE_EPOCHS
 
 
 SAMPLERS: Registry[Callable[[int], Any]] = Registry("sampler", config_key="search.sampler")
@@ -61,7 +61,9 @@ def _importable(module: str) -> bool:
 
 @dataclass(frozen=True)
 class SchedulerContext:
-    """What a scheduler factory may need beyond its own parameters."""
+    """What a scheduler factory may need beyond its own parameters.
+
+    `max_epochs` is in the schedulers' unit: the most epochs a trial trains after its method's start epoch."""
 
     max_epochs: int
     space: SearchSpace
@@ -69,7 +71,10 @@ class SchedulerContext:
 
 @dataclass
 class AshaConfig:
-    """Asynchronous successive halving (Li et al. 2020): at rungs grace·η^k epochs only the top 1/η continue."""
+    """Asynchronous successive halving (Li et al. 2020): at rungs grace·η^k epochs only the top 1/η continue.
+
+    Epochs count from the method's start epoch T (augmenter.start_epoch; 0 without a method): a trial's first
+    rung is grace epochs after its method switched on, whether it trained [0, T) itself or forked a shared prefix."""
 
     grace_period: int = 1
     reduction_factor: float = 3.0
@@ -81,7 +86,7 @@ class AshaConfig:
         check.number(f"{where}.reduction_factor", self.reduction_factor, low=1.0, low_open=True)
         check.number(f"{where}.brackets", self.brackets, low=1)
         if self.max_t is not None:
-            check.number(f"{where}.max_t", self.max_t, low=1, what="epochs; null = train.epochs")
+            check.number(f"{where}.max_t", self.max_t, low=1, what="epochs after the start epoch; null = all of them")
 
 
 @dataclass
@@ -94,7 +99,7 @@ class HyperbandConfig:
     def validate(self, where: str) -> None:
         check.number(f"{where}.reduction_factor", self.reduction_factor, low=1.0, low_open=True)
         if self.max_t is not None:
-            check.number(f"{where}.max_t", self.max_t, low=1, what="epochs; null = train.epochs")
+            check.number(f"{where}.max_t", self.max_t, low=1, what="epochs after the start epoch; null = all of them")
 
 
 @dataclass
@@ -139,24 +144,24 @@ def _fifo(params: None, context: SchedulerContext) -> Any:
 
 @SCHEDULERS.register("asha", config=AshaConfig)
 def _asha(params: AshaConfig, context: SchedulerContext) -> Any:
-    return ASHAScheduler(time_attr=EPOCHS, max_t=params.max_t or context.max_epochs, grace_period=params.grace_period,
+    return ASHAScheduler(time_attr=ACTIVE_EPOCHS, max_t=params.max_t or context.max_epochs, grace_period=params.grace_period,
                          reduction_factor=params.reduction_factor, brackets=params.brackets)
 
 
 @SCHEDULERS.register("hyperband", config=HyperbandConfig)
 def _hyperband(params: HyperbandConfig, context: SchedulerContext) -> Any:
-    return HyperBandScheduler(time_attr=EPOCHS, max_t=params.max_t or context.max_epochs, reduction_factor=params.reduction_factor)
+    return HyperBandScheduler(time_attr=ACTIVE_EPOCHS, max_t=params.max_t or context.max_epochs, reduction_factor=params.reduction_factor)
 
 
 @SCHEDULERS.register("median", config=MedianConfig)
 def _median(params: MedianConfig, context: SchedulerContext) -> Any:
-    return MedianStoppingRule(time_attr=EPOCHS, grace_period=params.grace_period, min_samples_required=params.min_samples_required)
+    return MedianStoppingRule(time_attr=ACTIVE_EPOCHS, grace_period=params.grace_period, min_samples_required=params.min_samples_required)
 
 
 @SCHEDULERS.register("pbt", config=PbtConfig, population_based=True)
 def _pbt(params: PbtConfig, context: SchedulerContext) -> Any:
     mutated = {p.key: p.dist for p in context.space.params if p.key in pbt_keys(params, context.space)}
-    return PopulationBasedTraining(time_attr=EPOCHS, perturbation_interval=params.perturbation_interval,
+    return PopulationBasedTraining(time_attr=ACTIVE_EPOCHS, perturbation_interval=params.perturbation_interval,
                                    quantile_fraction=params.quantile_fraction, resample_probability=params.resample_probability,
                                    hyperparam_mutations={k: _pbt_domain(d) for k, d in mutated.items()},
                                    custom_explore_fn=ClipToSpace(mutated))

@@ -14,6 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ltsearch.config import build_run_config
 from ltsearch.errors import ConfigError
+from ltsearch.prefix.fork import open_sharing, report_sharing
 from ltsearch.results import location_exists, read_text_from, write_text_to
 from ltsearch.tracking.record import data_tags
 from ltsearch.tracking.store import prewarm
@@ -50,7 +51,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
         scheduler = SCHEDULERS.get(sweep.scheduler.name)
         population_based = bool(scheduler.meta.get("population_based"))  # PBT: random population, exploits others' checkpoints
         search_alg, param_space, num_samples = _search(sweep, random_population=population_based)
-        trainable, data_tags = _trainable(sweep, stream)
+        trainable, data_tags, sharing = _trainable(sweep, directory, stream)
         live = SweepTracking(sweep, directory, data_tags, population_based) if sweep.tracking.enabled else None
         ours = [EpochLog(directory)] + ([live] if live is not None else [])
         tuner = tune.Tuner(
@@ -58,7 +59,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=sweep.objective.metric, mode=sweep.objective.mode, search_alg=search_alg,
-                scheduler=scheduler.obj(sweep.scheduler.params, SchedulerContext(sweep.max_epochs, sweep.space)),
+                scheduler=scheduler.obj(sweep.scheduler.params, SchedulerContext(sweep.max_active_epochs, sweep.space)),
                 num_samples=num_samples, max_concurrent_trials=sweep.search.max_concurrent,
                 reuse_actors=True, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
@@ -70,6 +71,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
               f"{sweep.search.sampler}, scheduler {sweep.scheduler.name}, metric {sweep.objective.metric} ({sweep.objective.mode}); "
               f"writing {directory}", file=stream, flush=True)
         grid = tuner.fit()
+        report_sharing(sharing, stream)
     return _finish(sweep, directory, grid, data_tags, stream, live)
 
 
@@ -87,10 +89,11 @@ def resume_sweep(directory: str, *, address: str | None = None, stream: Any = No
         if not tune.Tuner.can_restore(directory):
             raise ConfigError("--resume", directory, "a sweep whose experiment state Ray Tune saved (it stopped before its first trial started)",
                               hint="Start it again instead: `ltsearch tune FILE`.")
-        trainable, data_tags = _trainable(sweep, stream)
+        trainable, data_tags, sharing = _trainable(sweep, directory, stream)
         tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True, resume_errored=True)
         print(f"ltsearch tune: resuming {directory}", file=stream, flush=True)
         grid = tuner.fit()
+        report_sharing(sharing, stream)
     return _finish(sweep, directory, grid, data_tags, stream)
 
 
@@ -108,8 +111,10 @@ def _finish(sweep: Sweep, directory: str, grid: Any, data_tags: dict[str, str], 
     return outcome
 
 
-def _trainable(sweep: Sweep, stream: Any) -> tuple[Any, dict[str, str]]:
-    """(train_trial bound to the plan and the dataset, each put in the object store once for all trials; the data's tags)."""
+def _trainable(sweep: Sweep, directory: str, stream: Any) -> tuple[Any, dict[str, str], Any]:
+    """(train_trial bound to the plan and the dataset, each put in the object store once for all trials; the data's tags).
+
+    The plan carries the sweep's prefix sharing (its board lives as long as this Ray session)."""
     from ltsearch.data import build_dataset
 
     data = None
@@ -118,9 +123,10 @@ def _trainable(sweep: Sweep, stream: Any) -> tuple[Any, dict[str, str]]:
     else:
         print("note: the space changes data.* keys, so every trial builds its own dataset", file=stream)
     resources = sweep.execution.resources
-    trainable = tune.with_resources(tune.with_parameters(train_trial, plan=_plan(sweep), data=data),
+    sharing = open_sharing(directory, sweep.execution.share_prefix, sweep.execution.checkpoint.every)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, plan=_plan(sweep, sharing), data=data),
                                     {"cpu": resources.cpu, "gpu": resources.gpu})
-    return trainable, data_tags(data.construction if data is not None else None)
+    return trainable, data_tags(data.construction if data is not None else None), sharing
 
 
 def _search(sweep: Sweep, *, random_population: bool) -> tuple[Any, dict | None, int]:

@@ -103,6 +103,7 @@ class ExecutionConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     max_failures: int = 1
+    share_prefix: bool = True  # runs that agree until their method's start epoch train that prefix once (ltsearch.prefix)
 
     def validate(self, where: str) -> None:
         check.number("max_failures", self.max_failures, low=0)
@@ -151,7 +152,7 @@ def check_storage(key: str, storage: str) -> None:
         raise ConfigError(key, storage, "a directory (or a path to create one), but it is a file")
 
 
-EXECUTION_KEYS = ("name", "storage", "resources", "checkpoint", "max_failures")
+EXECUTION_KEYS = ("name", "storage", "resources", "checkpoint", "max_failures", "share_prefix")
 OBJECTIVE_KEYS = ("metric", "mode")
 SWEEP_KEYS = ("space", "search", "scheduler", *OBJECTIVE_KEYS, *EXECUTION_KEYS, TRACKING_SECTION)
 
@@ -172,6 +173,7 @@ class Sweep:
     tracking: TrackingConfig
     corners_checked: int
     max_epochs: int
+    max_active_epochs: int  # the most epochs a trial trains after its method's start epoch: the schedulers' unit
 
     @property
     def num_trials(self) -> int:
@@ -223,41 +225,47 @@ def _parse_sweep(raw: dict, source: str) -> Sweep:
     tracking = parse_tracking(raw.get(TRACKING_SECTION))
     cells = space.grid_cells(exhaustive=bool(SAMPLERS.get(search.sampler).meta.get("exhaustive")))
     checked = validate_space(space, base)
-    check_scheduler_epochs(scheduler, checked.max_epochs)
+    check_scheduler_epochs(scheduler, checked.max_active_epochs, checked.max_epochs)
     if execution.name is None:
         check_name("name (the search file's name, used when name: is not set)", Path(source).stem)
     if SCHEDULERS.get(scheduler.name).meta.get("population_based"):
         _check_population(scheduler, search, space)
     return Sweep(source=source, raw=raw, base=base, space=space, cells=tuple(cells), search=search, objective=objective,
-                 scheduler=scheduler, execution=execution, tracking=tracking, corners_checked=checked.corners, max_epochs=checked.max_epochs)
+                 scheduler=scheduler, execution=execution, tracking=tracking, corners_checked=checked.corners, max_epochs=checked.max_epochs,
+                 max_active_epochs=checked.max_active_epochs)
 
 
-def check_scheduler_epochs(scheduler: SchedulerSpec, max_epochs: int) -> None:
+def check_scheduler_epochs(scheduler: SchedulerSpec, max_epochs: int, train_epochs: int | None = None) -> None:
     """A scheduler's epoch counts must fit the trials' epochs (Ray only asserts some of this, after it started).
 
-    `max_epochs` is the longest run any trial can make (every corner of the space is checked).
+    Schedulers count epochs after the method's start epoch T (`ACTIVE_EPOCHS`); `max_epochs` is the most
+    of those any trial trains (every corner of the space is checked), `train_epochs` its train.epochs.
     """
     params = scheduler.params
-    fix = f"Lower it, or raise train.epochs (the longest trial runs {max_epochs} epochs)."
+    shifted = train_epochs is not None and train_epochs != max_epochs
+    limit = (f"{max_epochs} (schedulers count epochs after augmenter.start_epoch; the longest trial trains {max_epochs} of "
+             f"its {train_epochs} after it)") if shifted else f"train.epochs={max_epochs}"
+    fix = (f"Lower it, or raise train.epochs (the longest trial runs {max_epochs} epochs)." if not shifted
+           else "Lower it, or start the method earlier (augmenter.start_epoch), or raise train.epochs.")
     if scheduler.name == "asha":
         max_t = params.max_t or max_epochs
         if params.grace_period > max_t:
-            bound = f"scheduler.max_t={params.max_t}" if params.max_t else f"train.epochs={max_epochs} (ASHA's max_t)"
+            bound = f"scheduler.max_t={params.max_t}" if params.max_t else f"{limit} (ASHA's max_t)"
             raise ConfigError("scheduler.grace_period", params.grace_period, f"at most {bound}: no trial reaches the first rung",
                               hint=f"Set scheduler.grace_period={min(max_t, 1) if max_t < 2 else max(1, max_t // 3)}, or raise train.epochs.")
         if params.max_t is not None and params.max_t > max_epochs:
-            raise ConfigError("scheduler.max_t", params.max_t, f"at most train.epochs={max_epochs}, the longest trial", hint=fix)
+            raise ConfigError("scheduler.max_t", params.max_t, f"at most {limit}, the longest trial", hint=fix)
     elif scheduler.name == "hyperband":
         if params.max_t is not None and params.max_t > max_epochs:
-            raise ConfigError("scheduler.max_t", params.max_t, f"at most train.epochs={max_epochs}, the longest trial", hint=fix)
+            raise ConfigError("scheduler.max_t", params.max_t, f"at most {limit}, the longest trial", hint=fix)
     elif scheduler.name == "median":
         if params.grace_period >= max_epochs:
             raise ConfigError("scheduler.grace_period", params.grace_period,
-                              f"fewer than train.epochs={max_epochs}: the rule only judges trials past their grace period", hint=fix)
+                              f"fewer than {limit}: the rule only judges trials past their grace period", hint=fix)
     elif scheduler.name == "pbt":
         if params.perturbation_interval >= max_epochs:
             raise ConfigError("scheduler.perturbation_interval", params.perturbation_interval,
-                              f"fewer than train.epochs={max_epochs}: a population is only perturbed between epochs", hint=fix)
+                              f"fewer than {limit}: a population is only perturbed between epochs", hint=fix)
 
 
 def _check_population(scheduler: SchedulerSpec, search: SearchConfig, space: SearchSpace) -> None:

@@ -12,9 +12,11 @@ import ray
 from ray import tune
 
 from ltsearch.config import build_run_config
+from ltsearch.prefix import PREFIX_KEY
+from ltsearch.prefix.fork import PrefixSharing, start_trainer
 from ltsearch.space import Point, apply_point
 from ltsearch.tracking.record import CLASS_COUNTS, PER_CLASS
-from ltsearch.tune._names import EPOCHS
+from ltsearch.tune._names import ACTIVE_EPOCHS, EPOCHS
 from ltsearch.tune.settings import Objective, Sweep
 
 
@@ -26,6 +28,7 @@ class TrialPlan:
     objective: Objective
     checkpoint_every: int
     threads: int
+    sharing: PrefixSharing | None = None
 
 
 def trial_run_config(plan: TrialPlan, point: Point) -> Any:
@@ -42,29 +45,31 @@ def trial_run_config(plan: TrialPlan, point: Point) -> Any:
 
 
 def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
-    """Ray Tune function trainable: one engine run, reported per epoch, checkpointed, resumable."""
-    from ltsearch.engine import Trainer  # torch: imported once per worker process, which reuse_actors keeps
+    """Ray Tune function trainable: one engine run, reported per epoch, checkpointed, resumable.
+
+    A trial forked from a shared prefix first reports the prefix's epochs (marked `prefix/shared`, not
+    trained again), so its results, history and best epoch read exactly as if it had trained them.
+    """
+    from ltsearch.engine import Trainer, active_epochs  # torch: imported once per worker process, which reuse_actors keeps
 
     run_config = trial_run_config(plan, config)
     checkpoint = tune.get_checkpoint()
+    replay, prefix = [], None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer = Trainer.restore(directory, data=data, config=run_config)
     else:
-        trainer = Trainer(run_config, data=data)
-    objective = plan.objective
-    best = None
-    for row in trainer.history:  # a restored run already has its earlier epochs
-        best = row.get(objective.metric) if objective.better(row.get(objective.metric), best) else best
-    node = ray.get_runtime_context().get_node_id()
-    counts = trainer.class_counts.tolist()
+        trainer, prefix = start_trainer(run_config, plan.sharing, data)
+        replay = list(trainer.history)
+    report = _Reporter(plan.objective, run_config, node=ray.get_runtime_context().get_node_id(),
+                       counts=trainer.class_counts.tolist(), prefix_key=prefix.key if prefix else None)
+    for row in trainer.history[:len(trainer.history) - len(replay)]:  # a restored run already reported its earlier epochs
+        report.track_best(row)
+    for row in replay:
+        tune.report(report.metrics(row, active_epochs))
     epochs = run_config.train.epochs
     for result in trainer.run():
-        metrics = result.scalars()
-        per_class = {PER_CLASS: result.metrics.get(PER_CLASS), CLASS_COUNTS: counts}  # the tracked per-class plot
-        value = metrics.get(objective.metric)
-        best = value if objective.better(value, best) else best
-        metrics.update({EPOCHS: result.epoch + 1, f"best/{objective.metric}": best, "node_id": node, **per_class})
+        metrics = report.metrics(result.metrics, active_epochs)
         if (result.epoch + 1) % plan.checkpoint_every == 0 or result.epoch + 1 == epochs:
             with tempfile.TemporaryDirectory(prefix="ltsearch-ckpt-") as directory:
                 result.save_checkpoint(directory)
@@ -73,11 +78,33 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
             tune.report(metrics)
 
 
+class _Reporter:
+    """Turns one epoch's metrics into a Tune result: scalars, epoch counters, the running best, per-class lists."""
+
+    def __init__(self, objective: Objective, run_config: Any, *, node: str, counts: list[int], prefix_key: str | None):
+        self.objective, self.run_config, self.node, self.counts, self.prefix_key = objective, run_config, node, counts, prefix_key
+        self.best = None
+
+    def track_best(self, row: dict[str, Any]) -> None:
+        value = row.get(self.objective.metric)
+        self.best = value if self.objective.better(value, self.best) else self.best
+
+    def metrics(self, row: dict[str, Any], active_epochs: Any) -> dict[str, Any]:
+        self.track_best(row)
+        done = int(row["epoch"]) + 1
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics.update({EPOCHS: done, ACTIVE_EPOCHS: active_epochs(self.run_config, done), f"best/{self.objective.metric}": self.best,
+                        "node_id": self.node, PER_CLASS: row.get(PER_CLASS), CLASS_COUNTS: self.counts})
+        if self.prefix_key is not None:
+            metrics[PREFIX_KEY] = self.prefix_key
+        return metrics
+
+
 def trial_dirname(trial: Any) -> str:
     """Short trial directory names (Ray's default embeds every parameter and hits path limits)."""
     return f"trial_{trial.trial_id}"
 
 
-def _plan(sweep: Sweep) -> TrialPlan:
+def _plan(sweep: Sweep, sharing: PrefixSharing | None = None) -> TrialPlan:
     return TrialPlan(base=sweep.base, objective=sweep.objective, checkpoint_every=sweep.execution.checkpoint.every,
-                     threads=max(1, int(sweep.execution.resources.cpu)))
+                     threads=max(1, int(sweep.execution.resources.cpu)), sharing=sharing)

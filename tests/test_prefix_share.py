@@ -1,0 +1,250 @@
+"""Shared prefixes through Ray: the board on a real local Ray runtime, sweeps and ablations on digits.
+
+The exactness of one fork against a run from scratch, per method, is tests/test_prefix_exact.py; here
+it is the orchestration: one trunk per key however many trials ask at once, waiting without polling,
+a failing trunk failing its dependents with its error, a stalled trunk taken over, the cache reused by
+a later sweep, schedulers counting from the start epoch, tracking the shared epochs once, and a sweep
+whose results are identical with and without sharing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from ltsearch.ablate.runner import run_ablation
+from ltsearch.ablate.settings import parse_ablation
+from ltsearch.cli import main
+from ltsearch.config import load_run_config, read_yaml
+from ltsearch.prefix import PREFIX_KEY, SHARED_PREFIX
+from ltsearch.prefix.board import FAILED, READY, TRAIN, PrefixBoard
+from ltsearch.prefix.keys import prefix_of
+from ltsearch.results import read_table
+from ltsearch.tune import ACTIVE_EPOCHS, EPOCHS, load_sweep, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "configs" / "digits.yaml")
+TIMING = ("epoch_seconds", "images_per_s", "time", "timestamp", "node_id")
+
+
+@pytest.fixture(scope="module")
+def ray_runtime(tmp_path_factory):
+    """A real local Ray runtime; the prefix cache in a directory of this module's own."""
+    previous = os.environ.get("LTSEARCH_CACHE")
+    os.environ["LTSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # before ray.init: the workers inherit it
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("LTSEARCH_CACHE", None)
+        else:
+            os.environ["LTSEARCH_CACHE"] = previous
+
+
+def sweep_file(tmp_path: Path, **space: str) -> Path:
+    """A SAFA sweep on digits: 5 epochs, the method starting at epoch 3 or 4, searched over post-start knobs."""
+    lines = [f"base: {DIGITS}", "name: safa_share", "augmenter: {name: safa, start_epoch: 3}", "train: {epochs: 5}",
+             "model: {width: 16}", "space:", *(f"  {key}: {dist}" for key, dist in space.items()),
+             "search: {sampler: random, num_samples: 4, seed: 0, max_concurrent: 2}", "scheduler: {name: fifo}",
+             "resources: {cpu: 1}", "checkpoint: {every: 1}", "tracking: {enabled: false}"]
+    path = tmp_path / "safa_share.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+SPACE = {"augmenter.safa.lambda_recycle": "{loguniform: [10.0, 1000.0]}", "augmenter.start_epoch": "{choice: [3, 4]}"}
+
+
+def run(tmp_path: Path, name: str, file: Path, *overrides: str):
+    stream = io.StringIO()
+    outcome = run_sweep(load_sweep(file, list(overrides)), directory=str(tmp_path / name), stream=stream, progress_interval_s=0.0)
+    return outcome, stream.getvalue()
+
+
+def comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING and not k.startswith(("prefix/", "best/")) and k not in ("trial_id",)
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def by_config(outcome, keys: list[str]) -> dict[tuple, list[dict]]:
+    """Each trial's epoch rows, keyed by its sampled values (trial ids differ between sweeps)."""
+    points = {t["trial_id"]: tuple(t[k] for k in keys) for t in outcome.trials}
+    rows: dict[tuple, list[dict]] = {}
+    for row in outcome.history:
+        rows.setdefault(points[row["trial_id"]], []).append(row)
+    return {point: sorted(found, key=lambda r: r["epoch"]) for point, found in rows.items()}
+
+
+# ================================================================================== keys (no Ray)
+def test_prefix_key_ignores_post_start_knobs_and_sees_everything_else(tmp_path):
+    base = ["augmenter.name=safa", "train.epochs=5", "augmenter.start_epoch=3"]
+    key = prefix_of(load_run_config(DIGITS, base)).key
+    assert prefix_of(load_run_config(DIGITS, [*base, "augmenter.safa.lambda_recycle=5.0", "augmenter.start_epoch=4"])).key == key
+    for change in ("optim.lr=0.05", "train.seed=1", "augmenter.head_ratio=0.4", "data.imbalance=20", "model.width=16", "train.epochs=6"):
+        assert prefix_of(load_run_config(DIGITS, [*base, change])).key != key, change
+    assert prefix_of(load_run_config(DIGITS, [*base, "augmenter.start_epoch=4"])).fork_epoch == 4
+    assert prefix_of(load_run_config(DIGITS, ["augmenter.name=safa", "augmenter.start_epoch=0"])) is None  # active from epoch 0
+    assert prefix_of(load_run_config(DIGITS, [])) is None  # no method
+
+
+def test_prefix_key_reads_warm_start_weights_by_content(tmp_path):
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    import torch
+
+    from ltsearch.engine import Trainer
+
+    trainer = Trainer(load_run_config(DIGITS, ["train.epochs=1", "model.width=16"]))
+    torch.save({"model": trainer.model.state_dict()}, first)
+    torch.save({"model": {k: v + 1 for k, v in trainer.model.state_dict().items()}}, second)
+    keys = {path: prefix_of(load_run_config(DIGITS, ["augmenter.name=safa", "train.epochs=5", "augmenter.start_epoch=3", "model.width=16",
+                                                     f"train.init_from={path}"])).key for path in (first, second)}
+    assert keys[first] != keys[second]
+
+
+def test_check_and_dry_run_print_prefixes_and_epochs_saved(tmp_path, capsys):
+    file = sweep_file(tmp_path, **SPACE)
+    assert main(["check", str(file)]) == 0
+    out = capsys.readouterr().out
+    assert "shared prefixes (from 4 trials drawn at random; before early stopping): 1 for 4 of 4 runs; epochs 20 -> " in out
+    assert "fork at epoch 3, 4" in out or "fork at epoch 3" in out or "fork at epoch 4" in out
+    assert main(["check", str(file), "--set", "share_prefix=false"]) == 0
+    assert "shared prefixes: off" in capsys.readouterr().out
+    ablation = REPO / "ablations" / "safa_table6.yaml"
+    assert main(["ablate", str(ablation), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "shared prefixes: 30 for 150 of 180 runs; epochs 36000 -> 16920 (19080 saved, 2.13x fewer" in out
+    assert main(["ablate", str(ablation), "--dry-run", "--no-share-prefix"]) == 0
+    assert "shared prefixes: off" in capsys.readouterr().out
+
+
+# ================================================================================== the board
+def test_board_gives_the_trunk_to_one_caller_and_wakes_the_others_when_published(ray_runtime):
+    board = PrefixBoard.remote()
+    first = ray.get(board.claim.remote("k", 3))
+    assert first["status"] == TRAIN
+    waiting = [board.claim.remote("k", 3) for _ in range(3)]
+    later = board.claim.remote("k", 4)  # a later fork epoch joins the running trunk
+    ready, _ = ray.wait(waiting + [later], timeout=1.0)
+    assert not ready  # they wait inside the actor, no answer yet
+    plan = ray.get(board.progress.remote("k", first["token"], 1, 0.1))
+    assert plan["target"] == 4 and plan["wanted"] == [3, 4]
+    ray.get(board.published.remote("k", first["token"], 3))
+    assert [answer["status"] for answer in ray.get(waiting)] == [READY] * 3
+    ready, _ = ray.wait([later], timeout=0.5)
+    assert not ready
+    ray.get(board.published.remote("k", first["token"], 4))
+    assert ray.get(later)["status"] == READY
+    ray.get(board.release.remote("k", first["token"]))
+    assert ray.get(board.summary.remote())["k"]["epochs_trained"] == 1
+
+
+def test_board_fails_every_waiter_with_the_trunks_error(ray_runtime):
+    board = PrefixBoard.remote()
+    owner = ray.get(board.claim.remote("k", 3))
+    waiters = [board.claim.remote("k", 3), board.claim.remote("k", 2)]
+    time.sleep(0.3)
+    ray.get(board.release.remote("k", owner["token"], {"kind": "TrainingDiverged", "error": "train/loss is nan at epoch 1", "details": None}))
+    answers = ray.get(waiters)
+    assert all(a["status"] == FAILED and a["kind"] == "TrainingDiverged" and "nan at epoch 1" in a["error"] for a in answers)
+
+
+def test_board_hands_a_stalled_trunk_to_the_next_caller(ray_runtime):
+    board = PrefixBoard.remote(stall_s=0.5)
+    owner = ray.get(board.claim.remote("k", 3))
+    successor = ray.get(board.claim.remote("k", 3), timeout=10)  # no heartbeat for 0.5 s: the owner is presumed lost
+    assert successor["status"] == TRAIN and successor["token"] != owner["token"]
+    assert ray.get(board.progress.remote("k", owner["token"], 1, 0.1))["target"] == -1  # the old owner is told to stop
+
+
+# ================================================================================== sweeps
+@pytest.mark.slow
+def test_sweep_trains_the_prefix_once_and_matches_the_unshared_sweep_bit_for_bit(ray_runtime, tmp_path):
+    file = sweep_file(tmp_path, **SPACE)
+    shared, log = run(tmp_path, "shared", file)
+    alone, _ = run(tmp_path, "alone", file, "share_prefix=false")
+    assert "shared prefixes: 4 run(s) forked from 1 prefix(es); their trunks trained 4 epoch(s) in this session" in log
+    summary = json.loads((tmp_path / "shared" / "prefixes" / "summary.json").read_text())
+    (entry,) = summary.values()
+    assert entry == {"epochs_trained": 4, "forks": 4, "snapshots": len({t["augmenter.start_epoch"] for t in shared.trials})}
+    assert not (tmp_path / "alone" / "prefixes").exists()
+    keys = list(SPACE)
+    ours, theirs = by_config(shared, keys), by_config(alone, keys)
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    for point, rows in ours.items():
+        start = point[1]
+        assert [r["epoch"] for r in rows] == list(range(5))
+        assert [bool(r.get(SHARED_PREFIX)) for r in rows] == [e < start for e in range(5)]  # the prefix epochs, marked
+        assert [comparable(r) for r in rows] == [comparable(r) for r in theirs[point]]  # every number identical
+        assert all(r[ACTIVE_EPOCHS] == r[EPOCHS] - start for r in rows)
+    assert shared.best["config"] == alone.best["config"] and shared.best["best/val/top1"] == alone.best["best/val/top1"]
+
+
+@pytest.mark.slow
+def test_a_later_sweep_forks_from_the_cache_and_tracks_shared_epochs_once(ray_runtime, tmp_path, mlflow_store):
+    file = sweep_file(tmp_path, **{"augmenter.safa.lambda_recycle": "{loguniform: [10.0, 1000.0]}"})
+    first, _ = run(tmp_path, "first", file)
+    second, log = run(tmp_path, "second", file, "tracking.enabled=true")
+    assert "4 run(s) forked from 1 prefix(es); their trunks trained 0 epoch(s) in this session (all found" in log  # from the cache
+    assert (tmp_path / "second" / "prefixes").is_dir()
+    assert [comparable(r) for r in first.history if r["epoch"] < 3] == [comparable(r) for r in second.history if r["epoch"] < 3]
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("safa_share").experiment_id])
+    prefix_runs = [r for r in runs if r.data.tags.get("ltsearch.kind") == "prefix"]
+    trials = [r for r in runs if r.data.tags.get("ltsearch.kind") == "trial"]
+    assert len(prefix_runs) == 1 and len(trials) == 4
+    (prefix_run,) = prefix_runs
+    assert sorted(m.step for m in client.get_metric_history(prefix_run.info.run_id, "val/top1")) == [0, 1, 2]
+    for trial in trials:
+        assert trial.data.tags["ltsearch.prefix_key"] == prefix_run.data.tags["ltsearch.prefix_key"]
+        assert trial.data.tags["ltsearch.prefix_run"] == prefix_run.info.run_id
+        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, "val/top1")) == [3, 4]
+
+
+@pytest.mark.slow
+def test_asha_rungs_count_from_the_start_epoch(ray_runtime, tmp_path):
+    file = sweep_file(tmp_path, **{"augmenter.safa.lambda_recycle": "{loguniform: [10.0, 1000.0]}"})
+    outcome, _ = run(tmp_path, "asha", file, "scheduler={name: asha, grace_period: 1, reduction_factor: 2}", "search.num_samples=4")
+    stopped = [t for t in outcome.trials if t["status"] == "stopped"]
+    assert stopped, "ASHA stopped no trial: the test shows nothing"
+    for trial in stopped:  # judged at its first rung: one epoch after the method started at epoch 3
+        assert trial["epochs"] == 4
+    for row in outcome.history:
+        assert row[ACTIVE_EPOCHS] == row[EPOCHS] - 3
+
+
+# ================================================================================== ablations
+def ablation(tmp_path: Path, *overrides: str):
+    raw = read_yaml(REPO / "ablations" / "examples" / "digits_losses.yaml")
+    raw.update({"augmenter": {"name": "safa", "start_epoch": 2}, "rows": {"full": {}, "w/o L_r": {"augmenter.safa.lambda_recycle": 0.0}},
+                "seeds": {"train": [0], "data": [0]}, "tracking": {"enabled": False}})
+    for key in ("baseline", "columns"):
+        raw.pop(key, None)
+    raw.setdefault("train", {})["epochs"] = 3
+    for item in overrides:
+        key, value = item.split("=", 1)
+        raw.setdefault(key.split(".")[0], {})[key.split(".")[1]] = float(value)
+    return parse_ablation(raw, source=str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.slow
+def test_ablation_rows_share_a_prefix_and_a_diverging_prefix_fails_every_row_with_its_error(ray_runtime, tmp_path):
+    outcome = run_ablation(ablation(tmp_path), directory=str(tmp_path / "ok"), stream=io.StringIO(), progress_interval_s=0.0)
+    assert all(r.status == "completed" for r in outcome.results)
+    histories = [read_table(path) for path in sorted((tmp_path / "ok" / "runs").glob("*/history.parquet"))]
+    assert len(histories) == 2
+    assert [comparable(r) for r in histories[0][:2]] == [comparable(r) for r in histories[1][:2]]
+    assert all(r.get(SHARED_PREFIX) == 1 and r.get(PREFIX_KEY) for h in histories for r in h[:2])
+    broken = run_ablation(ablation(tmp_path, "optim.lr=1e8"), directory=str(tmp_path / "nan"), stream=io.StringIO(), progress_interval_s=0.0)
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "nan" / "runs").glob("*/result.json"))]
+    assert len(results) == 2 and all(r["status"] == "error" for r in results)
+    assert all(r["error"].startswith("training diverged in epoch 1/3") for r in results)
+    assert sum("in the shared prefix safa@2" in r["error"] for r in results) == 1  # the dependent got the trunk's error, not its own
