@@ -21,7 +21,8 @@ import torch
 
 from test_hardening_support import MARKER, crafted_checkpoint, crafted_pickle, fake_cifar10, run_main
 from ltsearch.config import load_run_config, load_yaml_text
-from ltsearch.engine import Trainer, load_checkpoint_file, reference_config, reference_key
+from ltsearch.checkpoints import load_checkpoint_file
+from ltsearch.engine import Trainer, reference_config, reference_key
 from ltsearch.errors import CheckpointError, ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_checkpoints_hold_only_what_weights_only_loading_accepts(tmp_path: Path)
         result.save_checkpoint(tmp_path)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "checkpoint.pt") == []
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["format"] == 2 and isinstance(state["rng"]["numpy"]["key"], list)
+    assert state["format"] == 3 and isinstance(state["rng"]["numpy"]["key"], list)
 
 
 def test_format_1_checkpoints_with_a_numpy_rng_key_still_resume(tmp_path: Path) -> None:

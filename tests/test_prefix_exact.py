@@ -26,7 +26,9 @@ import torch
 
 from ltsearch.augmenters.base import before_start_of
 from ltsearch.config import RunConfig, build_run_config, load_run_config, to_dict
-from ltsearch.engine import SHARED_PREFIX, Trainer, read_checkpoint
+from ltsearch.checkpoints import read_checkpoint
+from ltsearch.engine import Trainer
+from ltsearch.prefix import SHARED_PREFIX
 from ltsearch.prefix.keys import prefix_of
 from ltsearch.registry import AUGMENTERS
 

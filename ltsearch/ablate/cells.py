@@ -91,7 +91,8 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
     """
     import ray
 
-    from ltsearch.engine import CHECKPOINT_FILE, Trainer, summarize
+    from ltsearch.checkpoints import CHECKPOINT_FILE
+    from ltsearch.engine import Trainer, summarize
 
     run = plan.runs[config[RUN_KEY]]
     run_config = plan.run_config(run)

@@ -16,9 +16,10 @@ from pathlib import Path
 import yaml
 
 from ltsearch.cli._common import add_overrides
+from ltsearch.checkpoints import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, checkpoint_candidates
 from ltsearch.config import apply_overrides, build_run_config, dump_yaml, read_yaml, to_dict
 from ltsearch.data import verify_files
-from ltsearch.engine import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, EpochResult, Trainer, checkpoint_candidates, summarize
+from ltsearch.engine import EpochResult, Trainer, summarize
 from ltsearch.errors import ConfigError, TrainingDiverged
 from ltsearch.results import write_json, write_table
 from ltsearch.tracking import record

@@ -161,7 +161,7 @@ def check_data(sweep: "Sweep") -> None:
 
     from ltsearch.config import build_run_config, to_dict
     from ltsearch.data import build_dataset, verify_files
-    from ltsearch.engine import CHECKPOINT_FILE, _load_model_state
+    from ltsearch.checkpoints import CHECKPOINT_FILE, load_model_state
     from ltsearch.space import apply_point
 
     seen: set[str] = set()
@@ -174,4 +174,4 @@ def check_data(sweep: "Sweep") -> None:
         if config.train.init_from and config.train.init_from not in seen:
             seen.add(config.train.init_from)
             source = Path(config.train.init_from)
-            _load_model_state(source / CHECKPOINT_FILE if source.is_dir() else source)
+            load_model_state(source / CHECKPOINT_FILE if source.is_dir() else source)

@@ -114,7 +114,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _epoch_of(checkpoint: Path) -> int | None:
-    from ltsearch.engine import read_checkpoint
+    from ltsearch.checkpoints import read_checkpoint
     from ltsearch.errors import CheckpointError
 
     try:
