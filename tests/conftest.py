@@ -30,6 +30,25 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("LTSEARCH_CACHE", str(tmp_path_factory.mktemp("ltsearch-cache")))
 
 
+@pytest.fixture(scope="module")
+def ray_runtime(tmp_path_factory: pytest.TempPathFactory):
+    """A real local Ray runtime (2 CPUs) for one test module, shut down even when a test fails; M2m's g and
+    shared prefixes are cached in a directory of the module's own (set before ray.init: workers inherit it)."""
+    import ray
+
+    previous = os.environ.get("LTSEARCH_CACHE")
+    os.environ["LTSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("LTSEARCH_CACHE", None)
+        else:
+            os.environ["LTSEARCH_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test tracks into its own sqlite store (the default would be ./mlruns.db in the repository)."""

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from scipy import stats
@@ -42,14 +41,6 @@ TINY = {
     "baseline": "CE",
     "reference": {"source": "a made-up table", "LDAM": {10: 95.0}},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_runtime(tmp_path_factory):
-    os.environ["LTSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
-    yield
-    ray.shutdown()
 
 
 def write(tmp_path: Path, content: dict, name: str = "tiny.yaml") -> Path:

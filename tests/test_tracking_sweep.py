@@ -7,12 +7,10 @@ One sweep covers the three ends a trial can have: finished, stopped by ASHA, fai
 from __future__ import annotations
 
 import io
-import os
 import socket
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from ltsearch.cli import main
@@ -28,14 +26,6 @@ SWEEP = ["train.epochs=4", "search.max_concurrent=2", "search.sampler=random", "
 RAY_FIELDS = ("time_this_iter_s", "time_total_s", "training_iteration", "timestamp", "pid", "iterations_since_restore", "epochs")
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_runtime(tmp_path_factory):
-    os.environ["LTSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
-    yield
-    ray.shutdown()
 
 
 def _children(client: MlflowClient, parent) -> list:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -31,23 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
 TINY = ["train.epochs=2", "search.max_concurrent=2", "space.model.width={choice: [16, 24]}", "scheduler={name: fifo}",
         "checkpoint.every=1"]
-
-
-@pytest.fixture(scope="module")
-def ray_runtime(tmp_path_factory):
-    """A real local Ray runtime for the module; M2m's reference cache in a temporary directory."""
-    cache = tmp_path_factory.mktemp("cache")
-    previous = os.environ.get("LTSEARCH_CACHE")
-    os.environ["LTSEARCH_CACHE"] = str(cache)  # before ray.init: the workers inherit it
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("LTSEARCH_CACHE", None)
-        else:
-            os.environ["LTSEARCH_CACHE"] = previous
 
 
 def sweep(tmp_path: Path, file: Path, *overrides: str, **kwargs) -> tuple[SweepOutcome, str]:

@@ -22,6 +22,11 @@ from ltsearch.prefix.keys import Prefix, prefix_of
 from ltsearch.prefix.store import PrefixStore
 
 
+#: snapshots a trunk keeps besides its fork epochs (one every T/WAYPOINTS epochs): a trial asking for an epoch
+#: the trunk has already passed (TPE proposes start epochs in any order) retrains at most T/WAYPOINTS epochs
+WAYPOINTS = 8
+
+
 class PrefixFailed(LtsearchError):
     """The shared prefix this run depends on failed; the message is the prefix's own error."""
 
@@ -76,7 +81,8 @@ def report_sharing(sharing: PrefixSharing | None, stream: Any) -> dict[str, Any]
 
 def start_trainer(config: RunConfig, sharing: PrefixSharing | None, data: Any = None) -> tuple[Any, Prefix | None]:
     """(trainer at the run's start, the prefix it was forked from or None when it trains from epoch 0)."""
-    from ltsearch.engine import Trainer, read_checkpoint
+    from ltsearch.checkpoints import read_checkpoint
+    from ltsearch.engine import Trainer
 
     prefix = prefix_of(config) if sharing is not None else None
     if prefix is None:
@@ -111,6 +117,7 @@ def _through_board(prefix: Prefix, sharing: PrefixSharing, store: PrefixStore, d
 def _train_trunk(prefix: Prefix, sharing: PrefixSharing, store: PrefixStore, data: Any, token: str) -> None:
     """Train the trunk from its latest saved point, snapshotting every epoch the board asks for; always release."""
     board = sharing.board
+    waypoint = max(sharing.checkpoint_every, -(-prefix.fork_epoch // WAYPOINTS))
     try:
         trainer = _trunk_trainer(prefix, store, data)
         plan = ray.get(board.progress.remote(prefix.key, token, trainer.epoch, None))
@@ -119,7 +126,7 @@ def _train_trunk(prefix: Prefix, sharing: PrefixSharing, store: PrefixStore, dat
             for _ in trainer.run(until=trainer.epoch + 1):
                 pass
             plan = ray.get(board.progress.remote(prefix.key, token, trainer.epoch, time.perf_counter() - started))
-            if trainer.epoch in plan["wanted"]:
+            if trainer.epoch in plan["wanted"] or trainer.epoch % waypoint == 0:  # a waypoint: a fork epoch asked for later starts near
                 store.publish(trainer, prefix)
                 ray.get(board.published.remote(prefix.key, token, trainer.epoch))
             elif trainer.epoch % sharing.checkpoint_every == 0:
@@ -134,7 +141,8 @@ def _train_trunk(prefix: Prefix, sharing: PrefixSharing, store: PrefixStore, dat
 
 def _trunk_trainer(prefix: Prefix, store: PrefixStore, data: Any) -> Any:
     """A trainer of the trunk config at its latest saved point at or before the fork epoch (epoch 0 if none)."""
-    from ltsearch.engine import Trainer, read_checkpoint
+    from ltsearch.checkpoints import read_checkpoint
+    from ltsearch.engine import Trainer
 
     trainer = Trainer(build_run_config(prefix.trunk), data=data)
     epoch, path = store.start_point(prefix.key, prefix.fork_epoch)
