@@ -147,6 +147,21 @@ def wait_started(node: subprocess.Popen, log: Path) -> None:
         time.sleep(0.5)
 
 
+SAFA_SWEEP = """\
+base: {base}
+name: safa_cluster
+augmenter: {{name: safa, start_epoch: 3}}
+train: {{epochs: 4}}
+model: {{width: 16}}
+space:
+  augmenter.safa.lambda_recycle: {{loguniform: [10.0, 1000.0]}}
+search: {{sampler: random, num_samples: 4, seed: 0, max_concurrent: 2}}
+scheduler: {{name: fifo}}
+resources: {{cpu: 1}}
+tracking: {{enabled: false}}
+"""
+
+
 def test_a_sweep_on_a_two_node_cluster_places_trials_on_both_nodes(tmp_path):
     temp = Path(f"/tmp/lts-{os.getpid()}-{time.monotonic_ns() % 10**6}")  # short: Ray's socket paths have a length limit
     temp.mkdir()
@@ -169,6 +184,17 @@ def test_a_sweep_on_a_two_node_cluster_places_trials_on_both_nodes(tmp_path):
         assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
         assert len({r["node_id"] for r in rows}) == 2, "every trial ran on one node"
         assert "warning" not in run.stdout  # both nodes are this machine: the local sweep directory is visible to both
+        # trials on both nodes share one prefix: one trunk trained once, wherever it ran, and every trial forked it
+        file = tmp_path / "safa.yaml"
+        file.write_text(SAFA_SWEEP.format(base=REPO / "configs" / "digits.yaml"))
+        run = subprocess.run([str(BIN / "ltsearch"), "tune", str(file), "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "safa")],
+                             env=driver_env, capture_output=True, text=True, timeout=300, start_new_session=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        (entry,) = json.loads((tmp_path / "safa" / "prefixes" / "summary.json").read_text()).values()
+        assert entry["epochs_trained"] == 3 and entry["forks"] == 4
+        rows = read_table(tmp_path / "safa" / "trials.parquet")
+        assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+        assert len({r["node_id"] for r in rows}) == 2, "every trial ran on one node"
     finally:
         for node in reversed(nodes):
             node.send_signal(signal.SIGTERM)
