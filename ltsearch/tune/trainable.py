@@ -61,15 +61,15 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
     else:
         trainer, prefix = start_trainer(run_config, plan.sharing, data)
         replay = list(trainer.history)
-    report = _Reporter(plan.objective, run_config, node=ray.get_runtime_context().get_node_id(),
+    report = _Reporter(plan.objective, start_epoch=-active_epochs(run_config, 0), node=ray.get_runtime_context().get_node_id(),
                        counts=trainer.class_counts.tolist(), prefix_key=prefix.key if prefix else None)
     for row in trainer.history[:len(trainer.history) - len(replay)]:  # a restored run already reported its earlier epochs
         report.track_best(row)
     for row in replay:
-        tune.report(report.metrics(row, active_epochs))
+        tune.report(report.metrics(row))
     epochs = run_config.train.epochs
     for result in trainer.run():
-        metrics = report.metrics(result.metrics, active_epochs)
+        metrics = report.metrics(result.metrics)
         if (result.epoch + 1) % plan.checkpoint_every == 0 or result.epoch + 1 == epochs:
             with tempfile.TemporaryDirectory(prefix="ltsearch-ckpt-") as directory:
                 result.save_checkpoint(directory)
@@ -79,21 +79,22 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
 
 
 class _Reporter:
-    """Turns one epoch's metrics into a Tune result: scalars, epoch counters, the running best, per-class lists."""
+    """Turns one epoch's metrics into a Tune result: scalars, epoch counters (absolute, and after the method's start
+    epoch for schedulers), the running best, per-class lists, the prefix the trial forked from."""
 
-    def __init__(self, objective: Objective, run_config: Any, *, node: str, counts: list[int], prefix_key: str | None):
-        self.objective, self.run_config, self.node, self.counts, self.prefix_key = objective, run_config, node, counts, prefix_key
+    def __init__(self, objective: Objective, *, start_epoch: int, node: str, counts: list[int], prefix_key: str | None):
+        self.objective, self.start_epoch, self.node, self.counts, self.prefix_key = objective, start_epoch, node, counts, prefix_key
         self.best = None
 
     def track_best(self, row: dict[str, Any]) -> None:
         value = row.get(self.objective.metric)
         self.best = value if self.objective.better(value, self.best) else self.best
 
-    def metrics(self, row: dict[str, Any], active_epochs: Any) -> dict[str, Any]:
+    def metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         self.track_best(row)
         done = int(row["epoch"]) + 1
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        metrics.update({EPOCHS: done, ACTIVE_EPOCHS: active_epochs(self.run_config, done), f"best/{self.objective.metric}": self.best,
+        metrics.update({EPOCHS: done, ACTIVE_EPOCHS: done - self.start_epoch, f"best/{self.objective.metric}": self.best,
                         "node_id": self.node, PER_CLASS: row.get(PER_CLASS), CLASS_COUNTS: self.counts})
         if self.prefix_key is not None:
             metrics[PREFIX_KEY] = self.prefix_key
