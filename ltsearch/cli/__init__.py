@@ -4,6 +4,8 @@ a diverged training run (nan/inf loss) one line + exit 3."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import sys
 import types
@@ -12,6 +14,12 @@ from ltsearch.cli._common import expand_overrides, one_line_error
 from ltsearch.errors import ConfigError, LtsearchError, TrainingDiverged
 
 SUBCOMMANDS = ("train", "data", "tune", "ablate", "report", "check", "ui", "runs")
+
+# A finished command leaves its memory to the OS: without this, interpreter shutdown runs full garbage collections
+# over everything torch, Ray, MLflow and SQLAlchemy allocated (1-5 s on 2 cores after `ltsearch tune`), only to free
+# it. Refcounted objects are still released and closed as usual, and the atexit handlers registered after this one
+# (Ray's shutdown, MLflow's) run before it; only objects in reference cycles are left uncollected.
+atexit.register(gc.freeze)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,12 @@ import ray
 
 
 #: driver-side Ray settings (a user's own environment wins): our ProgressTable replaces Ray's console output, and the
-#: experiment-state snapshot that `checkpoint.keep` forces is cheap on these small states, so its warning is noise
-RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+#: experiment-state snapshot that `checkpoint.keep` forces is cheap on these small states, so its warning is noise.
+#: A local raylet (it inherits this environment) prestarts no idle workers: it would start one per CPU when the
+#: driver registers and hold `ray.init` until they are up (~0.5 s on 2 cores), yet Tune gives its trial actors a
+#: runtime env (env_vars), so no trial ever runs on one; an actor without one (the prefix board) starts its own.
+RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+           "RAY_prestart_worker_first_driver": "0"}
 
 
 #: Ray's switch between "this machine only" (its processes take the loopback address as the node IP and
