@@ -1,14 +1,17 @@
-"""Training checkpoints on disk: their file names and format, and loading them without running anything.
+"""Training checkpoints on disk: their file names and format, writing them durably, and loading them without running anything.
 
-The engine writes them (`Trainer.save_checkpoint`); everything that reads one (a resume, a warm start,
+Everything that writes one (`Trainer.save_checkpoint`, a published prefix, M2m's cached g) goes through
+`save_state`, so each survives a crash the same way; everything that reads one (a resume, a warm start,
 a shared prefix, M2m's cached g) goes through `load_checkpoint_file`, i.e. `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ltsearch.errors import CheckpointError, UnsafeFileError
+from ltsearch.errors import CheckpointError, ConfigError, UnsafeFileError
+from ltsearch.results import atomic_target
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the checkpoint before the newest, kept for a torn or corrupt newest one
@@ -31,6 +35,31 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"'{path}' holds no model state dict (a mapping of parameter names to tensors, bare or under 'model')")
     return state
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, what: str, hint: str | None = None) -> None:
+    """Load a state dict (bare or under 'model') into `model`; a mismatch is one line naming `what` and the file."""
+    state = load_model_state(path)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise CheckpointError(f"{what} '{path}' does not fit this backbone: {' '.join(lines[:2])[:300]}" + (f"; {hint}" if hint else "")) from None
+
+
+def warm_start(model: torch.nn.Module, source: str) -> None:
+    """`train.init_from`: the backbone's weights (only) from a run directory or checkpoint file.
+
+    Optimiser, epoch, RNG and augmenter state start fresh: this is how a method is switched on over a
+    trained network (the "activated after the lr decay" regime of RSG, SAFA and M2m) without retraining it.
+    """
+    path = Path(source)
+    path = path / CHECKPOINT_FILE if path.is_dir() else path
+    try:
+        model.load_state_dict(load_model_state(path))
+    except (FileNotFoundError, RuntimeError, KeyError) as error:
+        raise ConfigError("train.init_from", source, f"a run directory or checkpoint whose model matches this config's backbone and classes ({error})".split("\n")[0],
+                          hint="Point it at a finished `ltsearch train` run of the same data and model.") from error
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -94,9 +123,78 @@ def checkpoint_candidates(path: str | Path) -> list[Path]:
     return [path] if path.is_file() else []
 
 
+def read_latest_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path, str | None]:
+    """(state, the file it came from, a warning or None) of the newest readable checkpoint at `path`.
+
+    In a run directory a truncated or corrupt `checkpoint.pt` falls back to `checkpoint.prev.pt` (one
+    epoch earlier), and the warning says so; a file holding code is never skipped over silently.
+    """
+    candidates = checkpoint_candidates(path)
+    if not candidates:
+        raise ConfigError("resume", str(path), f"a checkpoint file or a directory holding {CHECKPOINT_FILE}")
+    first_error = None
+    for candidate in candidates:
+        try:
+            state = read_checkpoint(candidate)
+        except UnsafeFileError:
+            raise
+        except CheckpointError as error:
+            first_error = first_error or error
+            continue
+        if candidate.name == PREVIOUS_CHECKPOINT_FILE:
+            return state, candidate, f"warning: {first_error}; resuming from the previous checkpoint {candidate} (after epoch {state['epoch']})"
+        return state, candidate, None
+    raise first_error
+
+
+# ------------------------------------------------------------------------------------ writing
+def save_state(state: dict[str, Any], path: Path, what: str, *, keep_previous: Path | None = None) -> Path:
+    """Write `state` (tensors and plain data) to `path` so that a crash at any moment leaves the old file or the new one, whole.
+
+    The file is written beside `path`, flushed to disk, renamed over it, and the directory flushed so the
+    rename itself is on disk. With `keep_previous` the file it replaces is first linked there (never a
+    moment without a complete `path`). A full disk is one StorageError naming `what`; nothing torn is left.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path, what) as tmp:
+        torch.save(state, tmp)
+        _fsync(tmp)
+        if keep_previous is not None and path.is_file():
+            link_or_copy(path, keep_previous)
+    _fsync_directory(path.parent)
+    return path
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put `source`'s content at `target`: a hard link (same filesystem), else a copy flushed to disk, made
+    beside the target and renamed over it, so a reader, or a crash, never finds half a file there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # per process: several may link the same file at once
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # another filesystem, or one without hard links
+        try:
+            shutil.copyfile(source, tmp)
+            _fsync(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, target)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # a filesystem that cannot sync a directory still has the file itself on disk
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _plain(value: Any) -> Any:

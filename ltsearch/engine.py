@@ -18,9 +18,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,18 +28,19 @@ from torch import nn
 from ltsearch._runtime import capture_rng_state, restore_rng_state, learning_rate, resolve_device, seed_everything
 from ltsearch.augmenters.base import (Augmenter, AugmenterContext, FeatureSpec, TrainState, create_augmenter,
                                       head_class_mask, resolve_head_ratio, resolve_insert_at, resolve_start_epoch)
-from ltsearch.checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREVIOUS_CHECKPOINT_FILE, _fsync, _plain, checkpoint_candidates,
-                                  load_model_state, read_checkpoint)
+from ltsearch.checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREVIOUS_CHECKPOINT_FILE, _plain, load_weights,
+                                  read_latest_checkpoint, save_state, warm_start)
 from ltsearch.config import RunConfig, build_run_config, to_dict
 from ltsearch.data import LongTailData, build_dataset, create_train_loader, eval_batches
 from ltsearch.divergence import DivergenceGuard
-from ltsearch.errors import CheckpointError, ConfigError, UnsafeFileError
+from ltsearch.epochs import EpochResult
+from ltsearch.errors import CheckpointError, ConfigError
 from ltsearch.losses import class_weights_for_epoch, create_loss, sampler_for_epoch
 from ltsearch.metrics import classification_metrics
 from ltsearch.models import Backbone, create_backbone, num_boundaries
 from ltsearch.prefix import SHARED_PREFIX
 from ltsearch.registry import AUGMENTERS, LOSSES
-from ltsearch.results import atomic_target
+
 
 def default_cache_dir() -> Path:
     """Where reusable artefacts (M2m's reference classifier g) live; shared by all trials of a machine."""
@@ -118,7 +117,7 @@ def train_reference_model(config: RunConfig, data: LongTailData, cache_dir: Path
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError("augmenter reference_path", path, "an existing checkpoint file of the same backbone")
-        _load_weights(model, path, "augmenter.m2m.reference_path")
+        load_weights(model, path, "augmenter.m2m.reference_path")
         return model.eval().requires_grad_(False)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"reference-{config.model.name}-{reference_key(ref_config)}.pt"
@@ -130,55 +129,9 @@ def train_reference_model(config: RunConfig, data: LongTailData, cache_dir: Path
             for _ in trainer.run():
                 pass
             restore_rng_state(saved)
-            tmp = target.with_suffix(".tmp")
-            torch.save({"model": trainer.model.state_dict(), "config": to_dict(ref_config)}, tmp)  # tensors + plain data only
-            _fsync(tmp)
-            tmp.replace(target)
-    _load_weights(model, target, "M2m's cached reference classifier g",
-                  hint=f"Delete {target} to train g again.")
+            save_state({"model": trainer.model.state_dict(), "config": to_dict(ref_config)}, target, "M2m's reference classifier g")
+    load_weights(model, target, "M2m's cached reference classifier g", hint=f"Delete {target} to train g again.")
     return model.eval().requires_grad_(False)
-
-
-def _load_weights(model: nn.Module, path: str | Path, what: str, hint: str | None = None) -> None:
-    """Load a state dict (bare or under 'model') into `model`; a mismatch is one line naming `what` and the file."""
-    state = load_model_state(path)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise CheckpointError(f"{what} '{path}' does not fit this backbone: {' '.join(lines[:2])[:300]}" + (f"; {hint}" if hint else "")) from None
-
-
-def _warm_start(model: nn.Module, source: str) -> None:
-    """`train.init_from`: the backbone's weights (only) from a run directory or checkpoint file.
-
-    Optimiser, epoch, RNG and augmenter state start fresh: this is how a method is switched on over a
-    trained network (the "activated after the lr decay" regime of RSG, SAFA and M2m) without retraining it.
-    """
-    path = Path(source)
-    path = path / CHECKPOINT_FILE if path.is_dir() else path
-    try:
-        model.load_state_dict(load_model_state(path))
-    except (FileNotFoundError, RuntimeError, KeyError) as error:
-        raise ConfigError("train.init_from", source, f"a run directory or checkpoint whose model matches this config's backbone and classes ({error})".split("\n")[0],
-                          hint="Point it at a finished `ltsearch train` run of the same data and model.") from error
-
-
-# --------------------------------------------------------------------------------------- results
-@dataclass
-class EpochResult:
-    """Metrics of one finished epoch; `save_checkpoint(dir)` captures the full training state after it."""
-
-    epoch: int
-    metrics: dict[str, Any]
-    is_best: bool
-    trainer: "Trainer" = field(repr=False)
-
-    def scalars(self) -> dict[str, float]:
-        return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        return self.trainer.save_checkpoint(directory)
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -197,7 +150,7 @@ class Trainer:
         self.class_counts = self.data.class_counts.clone().long()
         self.model = _build_model(config, self.data)
         if config.train.init_from:
-            _warm_start(self.model, config.train.init_from)
+            warm_start(self.model, config.train.init_from)
         self.model = self.model.to(self.device)
         if self.device.type == "cuda" and config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -399,35 +352,11 @@ class Trainer:
         self.history = [{**row, SHARED_PREFIX: 1} for row in state["history"]]
 
     def save_checkpoint(self, directory: str | Path, *, keep_previous: bool = True) -> Path:
-        """Atomically write `directory/checkpoint.pt` (a crash mid-write never leaves a torn checkpoint).
-
-        The file is written beside the target, flushed to disk and renamed over it; with `keep_previous`
-        the checkpoint it replaces stays as `checkpoint.prev.pt` (a hard link, so there is never a moment
-        without a complete `checkpoint.pt`), which a resume falls back to if the newest cannot be read.
-        """
+        """Durably write `directory/checkpoint.pt` (`save_state`: a crash never leaves a torn one); with `keep_previous`
+        the checkpoint it replaces stays as `checkpoint.prev.pt`, which a resume falls back to if the newest cannot be read."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / CHECKPOINT_FILE
-        tmp = directory / (CHECKPOINT_FILE + ".tmp")
-        with atomic_target(tmp, "the checkpoint", shown=target) as written:  # a full disk: one clear error, no torn file left
-            torch.save(self.state_dict(), written)
-            _fsync(written)
-        if keep_previous and target.is_file():
-            previous_tmp = directory / (PREVIOUS_CHECKPOINT_FILE + ".tmp")
-            previous_tmp.unlink(missing_ok=True)
-            try:
-                os.link(target, previous_tmp)
-            except OSError:  # a filesystem without hard links
-                shutil.copyfile(target, previous_tmp)
-            previous_tmp.replace(directory / PREVIOUS_CHECKPOINT_FILE)
-        tmp.replace(target)
-        with contextlib.suppress(OSError):  # the renames themselves reach the disk
-            descriptor = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        return target
+        return save_state(self.state_dict(), directory / CHECKPOINT_FILE, "the checkpoint",
+                          keep_previous=directory / PREVIOUS_CHECKPOINT_FILE if keep_previous else None)
 
     @classmethod
     def restore(cls, path: str | Path, *, data: LongTailData | None = None, cache_dir: str | Path | None = None,
@@ -438,23 +367,7 @@ class Trainer:
         truncated or corrupt `checkpoint.pt` falls back to `checkpoint.prev.pt` (one epoch earlier), and
         `restore_note` says so. `config` may lengthen the run, never shorten it below the epochs it has run.
         """
-        candidates = checkpoint_candidates(path)
-        if not candidates:
-            raise ConfigError("resume", str(path), f"a checkpoint file or a directory holding {CHECKPOINT_FILE}")
-        state, note, first_error, loaded = None, None, None, candidates[0]
-        for candidate in candidates:
-            try:
-                state, loaded = read_checkpoint(candidate), candidate
-            except UnsafeFileError:
-                raise  # a file holding code is never skipped over silently
-            except CheckpointError as error:
-                first_error = first_error or error
-                continue
-            if candidate.name == PREVIOUS_CHECKPOINT_FILE:
-                note = f"warning: {first_error}; resuming from the previous checkpoint {candidate} (after epoch {state['epoch']})"
-            break
-        if state is None:
-            raise first_error
+        state, loaded, note = read_latest_checkpoint(path)
         try:
             run_config = config or build_run_config(state["config"])
         except ConfigError as error:

@@ -23,6 +23,7 @@ from ray import tune
 
 from ltsearch.ablate.settings import Ablation, Run
 from ltsearch.config import build_run_config, dump_yaml
+from ltsearch.epochs import scalars
 from ltsearch.errors import TrainingDiverged
 from ltsearch.prefix import PREFIX_KEY
 from ltsearch.prefix.fork import PrefixSharing, start_trainer
@@ -114,7 +115,7 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
     counts = trainer.class_counts.tolist()
     epochs = run_config.train.epochs
     for row in replay:
-        tune.report({**_scalars(row), EPOCHS: row["epoch"] + 1, PER_CLASS: row.get(PER_CLASS), CLASS_COUNTS: counts,
+        tune.report({**scalars(row), EPOCHS: row["epoch"] + 1, PER_CLASS: row.get(PER_CLASS), CLASS_COUNTS: counts,
                      PREFIX_KEY: row.get(PREFIX_KEY)})
     try:
         for result in trainer.run():
@@ -129,7 +130,3 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
     write_json({"status": "completed", "epochs": trainer.epoch, "best_epoch": summary["best_epoch"], "select_metric": summary["select_metric"],
                 "metrics": summary["best"], "legacy/best_test_top1": summary["legacy/best_test_top1"], CLASS_COUNTS: counts, "seconds": time.time() - started},
                where / RESULT_FILE)
-
-
-def _scalars(row: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -2,7 +2,8 @@
 
     <root>/prefixes/<key>/prefix.json      what the prefix is (method, trunk config, snapshots)
     <root>/prefixes/<key>/epoch-<T>.pt     the training state at fork epoch T (a full checkpoint)
-    <root>/prefixes/<key>/trunk/           the trunk's rolling checkpoint, so an interrupted trunk resumes
+    <root>/prefixes/<key>/trunk/           the trunk's rolling checkpoint, so an interrupted trunk resumes,
+                                           and epoch.json, its epoch (read without loading the checkpoint)
     <cache>/prefixes/<key>/epoch-<T>.pt    the same snapshots, reused by later sweeps and ablations
 
 `root` is the sweep or ablation directory (a filesystem every node mounts when the sweep spans
@@ -14,15 +15,13 @@ train; it also covers the ltsearch and torch versions.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ltsearch.results import atomic_target, write_json
+from ltsearch.checkpoints import CHECKPOINT_FILE, link_or_copy, read_checkpoint, save_state
+from ltsearch.errors import CheckpointError
+from ltsearch.results import write_json
 
 if TYPE_CHECKING:
     from ltsearch.engine import Trainer
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
 PREFIXES_DIR = "prefixes"
 DESCRIPTION_FILE = "prefix.json"
 TRUNK_DIR = "trunk"
+TRUNK_EPOCH_FILE = "epoch.json"
 _SNAPSHOT = re.compile(r"epoch-(\d+)\.pt$")
 
 
@@ -52,7 +52,7 @@ class PrefixStore:
         cached = self.cache / key / local.name if self.cache is not None else None
         if cached is None or not cached.is_file():
             return None
-        _link_or_copy(cached, local)
+        link_or_copy(cached, local)
         return local
 
     def start_point(self, key: str, epoch: int) -> tuple[int, Path | None]:
@@ -65,27 +65,27 @@ class PrefixStore:
                 match = _SNAPSHOT.match(path.name)
                 if match and best[0] < int(match.group(1)) <= epoch:
                     best = (int(match.group(1)), path)
-        trunk = self.directory(key) / TRUNK_DIR / "checkpoint.pt"
-        if trunk.is_file():
-            trunk_epoch = _epoch_of(trunk)
-            if trunk_epoch is not None and best[0] < trunk_epoch <= epoch:
-                best = (trunk_epoch, trunk)
+        trunk = self.directory(key) / TRUNK_DIR
+        trunk_epoch = _trunk_epoch(trunk)
+        if trunk_epoch is not None and best[0] < trunk_epoch <= epoch:
+            best = (trunk_epoch, trunk / CHECKPOINT_FILE)
         return best
 
     def publish(self, trainer: "Trainer", prefix: "Prefix") -> Path:
-        """Write the trainer's state as the snapshot at its epoch, then into the cache; returns the local file."""
-        folder = self.directory(prefix.key)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"epoch-{trainer.epoch}.pt"
-        with atomic_target(target, "the prefix snapshot") as tmp:
-            torch.save(trainer.state_dict(), tmp)
+        """Write the trainer's state as the snapshot at its epoch, as durably as a checkpoint, then into the cache;
+        returns the local file. The cache keeps a snapshot it already has: the key fixes its content."""
+        target = save_state(trainer.state_dict(), self.directory(prefix.key) / f"epoch-{trainer.epoch}.pt", "the prefix snapshot")
         self._describe(prefix, trainer.epoch)
-        if self.cache is not None:
-            _link_or_copy(target, self.cache / prefix.key / target.name)
+        cached = self.cache / prefix.key / target.name if self.cache is not None else None
+        if cached is not None and not cached.is_file():
+            link_or_copy(target, cached)
         return target
 
     def save_trunk(self, trainer: "Trainer", key: str) -> None:
-        trainer.save_checkpoint(self.directory(key) / TRUNK_DIR)
+        """Checkpoint the trunk, then record its epoch beside it for `start_point` (see `_trunk_epoch`)."""
+        folder = self.directory(key) / TRUNK_DIR
+        checkpoint = trainer.save_checkpoint(folder)
+        write_json({"epoch": trainer.epoch, "checkpoint": _identity(checkpoint)}, folder / TRUNK_EPOCH_FILE)
 
     def snapshots(self, key: str) -> list[int]:
         folder = self.directory(key)
@@ -99,28 +99,32 @@ class PrefixStore:
         write_json(known, path)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard link (same filesystem) or copy, written beside the target and renamed: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_file():
-        return
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+def _trunk_epoch(folder: Path) -> int | None:
+    """The epoch of the trunk checkpoint in `folder`, None without a readable one.
+
+    It comes from the record `save_trunk` writes when that record names the very file there now (a crash
+    between the two writes leaves it naming the checkpoint before); otherwise, in a store from before the
+    record or after such a crash, from the checkpoint itself, which means loading all of it.
+    """
+    checkpoint = folder / CHECKPOINT_FILE
     try:
-        os.link(source, tmp)
+        identity = _identity(checkpoint)
     except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
-def _epoch_of(checkpoint: Path) -> int | None:
-    from ltsearch.checkpoints import read_checkpoint
-    from ltsearch.errors import CheckpointError
-
+        return None
+    record = _read_json(folder / TRUNK_EPOCH_FILE)
+    if isinstance(record, dict) and record.get("checkpoint") == identity and isinstance(record.get("epoch"), int):
+        return record["epoch"]
     try:
         return read_checkpoint(checkpoint)["epoch"]
     except CheckpointError:
         return None
+
+
+def _identity(path: Path) -> dict[str, int]:
+    """Which file `path` is: a save writes a new file (inode) while the one it replaces still exists, so a record
+    left from the save before never names the file there now."""
+    stat = path.stat()
+    return {"inode": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _read_json(path: Path) -> Any:

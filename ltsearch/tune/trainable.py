@@ -12,6 +12,7 @@ import ray
 from ray import tune
 
 from ltsearch.config import build_run_config
+from ltsearch.epochs import scalars
 from ltsearch.prefix import PREFIX_KEY
 from ltsearch.prefix.fork import PrefixSharing, start_trainer
 from ltsearch.space import Point, apply_point
@@ -93,7 +94,7 @@ class _Reporter:
     def metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         self.track_best(row)
         done = int(row["epoch"]) + 1
-        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics: dict[str, Any] = scalars(row)
         metrics.update({EPOCHS: done, ACTIVE_EPOCHS: done - self.start_epoch, f"best/{self.objective.metric}": self.best,
                         "node_id": self.node, PER_CLASS: row.get(PER_CLASS), CLASS_COUNTS: self.counts})
         if self.prefix_key is not None:
