@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,29 @@ def test_digits_default_is_a_real_long_tail(digits):
     assert digits.train.images.dtype == torch.uint8 and int(digits.train.images.max()) == 255
     assert digits.class_counts.tolist() == exp_counts(124, 10, 10.0) == [124, 96, 74, 57, 44, 34, 26, 20, 16, 12]
     assert digits.augment.horizontal_flip is False and digits.augment.crop_padding == 1
+
+
+def test_digits_are_read_exactly_as_sklearn_loads_them():
+    """The source reads scikit-learn's digits file itself (no sklearn/scipy import); what it reads must be
+    load_digits' arrays, bit for bit, and the fallback is load_digits itself."""
+    from sklearn.datasets import load_digits
+
+    from ltsearch.data.sources import digits as digits_source
+
+    images, targets = digits_source.read_digits()
+    reference = load_digits()
+    assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
+    assert targets.dtype == reference.target.dtype and np.array_equal(targets, reference.target)
+
+
+def test_digits_fall_back_to_load_digits_without_the_file(monkeypatch):
+    import importlib.util
+
+    from ltsearch.data.sources import digits as digits_source
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
+    images, targets = digits_source.read_digits()
+    assert images.shape == (1797, 8, 8) and targets.shape == (1797,)
 
 
 def test_val_from_test_takes_the_first_tenth_of_each_test_class(digits):

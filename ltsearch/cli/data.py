@@ -7,7 +7,6 @@ import json
 
 from ltsearch.cli._common import add_overrides
 from ltsearch.config import load_run_config
-from ltsearch.data import build_dataset, verify_files
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ltsearch.data import build_dataset, verify_files  # torch: imported when the command runs, not with the parser
+
     config = load_run_config(args.config, args.overrides)
     data = build_dataset(config.data)
     verify_files(data)

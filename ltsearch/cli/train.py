@@ -12,19 +12,20 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ltsearch.cli._common import add_overrides
-from ltsearch.checkpoints import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, checkpoint_candidates
 from ltsearch.config import apply_overrides, build_run_config, dump_yaml, read_yaml, to_dict
-from ltsearch.data import verify_files
-from ltsearch.engine import EpochResult, Trainer, summarize
 from ltsearch.errors import ConfigError, TrainingDiverged
-from ltsearch.results import write_json, write_table
-from ltsearch.tracking import record
-from ltsearch.tracking.record import RunRecorder
 from ltsearch.tracking.settings import SECTION, TrackingConfig, split_tracking
+
+# torch, the engine, the data layer and the tracking records are imported by the functions that use them, so that
+# building the CLI's parser (every command imports this module, `--help` too) does not pay ~2 s for them
+if TYPE_CHECKING:
+    from ltsearch.engine import EpochResult, Trainer
+    from ltsearch.tracking.record import RunRecorder
 
 TRACKING_FILE = "tracking.yaml"  # the run's `tracking:` section, so --resume logs to the same place
 
@@ -64,6 +65,8 @@ def _short(value: float) -> str:
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
+    from ltsearch.checkpoints import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE
+
     if args.out:
         out = Path(args.out)
     else:
@@ -79,6 +82,10 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
     """Validate everything (config, tracking, output directory) before the run directory is written."""
+    from ltsearch.checkpoints import CHECKPOINT_FILE, checkpoint_candidates
+    from ltsearch.data import verify_files
+    from ltsearch.engine import Trainer
+
     if args.resume:
         out = Path(args.resume)
         if args.config or args.out:
@@ -114,6 +121,9 @@ def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
 
 def _open_tracking(trainer: Trainer, out: Path, tracking: TrackingConfig, experiment: str) -> RunRecorder | None:
     """One MLflow run (kind `train`) for this run directory; a resumed run continues the same MLflow run."""
+    from ltsearch.tracking import record
+    from ltsearch.tracking.record import RunRecorder
+
     tracker = record.start(tracking, experiment)
     if tracker is None:
         return None
@@ -127,6 +137,8 @@ def _close_tracking(recorder: RunRecorder | None, trainer: Trainer, out: Path, s
     """Summarise and close the MLflow run; True when everything reached the store."""
     if recorder is None:
         return False
+    from ltsearch.tracking import record
+
     counts = trainer.class_counts.tolist()
     rows = [{**row, record.CLASS_COUNTS: counts} for row in trainer.history]
     files = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.json") if (out / name).is_file()}
@@ -152,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, trainer: Trainer, out: Path, recorder: RunRecorder | None) -> int:
+    from ltsearch.engine import summarize
+    from ltsearch.results import write_json, write_table
+    from ltsearch.tracking import record
+
     epochs = trainer.config.train.epochs
     print(f"ltsearch train: {trainer.config.data.name} ({trainer.data.num_classes} classes, {int(trainer.class_counts.sum())} train images), "
           f"{trainer.config.model.name}, loss {trainer.config.loss.name}, augmenter {trainer.config.augmenter.name}, "

@@ -8,16 +8,25 @@ decodes which file, and a resumed run repeats them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
 from ltsearch.errors import DataError
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+# torchvision (~1 s of imports, torch._dynamo among them) is imported by the functions that decode and
+# transform, not here: the data layer imports this module, and a process handed a built in-memory dataset
+# (a Ray trial worker unpickling it) never decodes a file.
 
 
 def read_image(path: str) -> torch.Tensor:
     """Decode a file to uint8 (3, H, W) RGB (grey and RGBA files are converted)."""
+    from torchvision.io import ImageReadMode, decode_image
+
     try:
         return decode_image(path, mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as error:
@@ -26,6 +35,8 @@ def read_image(path: str) -> torch.Tensor:
 
 def file_transform(image_size: int, *, random_resized_crop: bool, horizontal_flip: bool) -> v2.Transform:
     """uint8 image -> float32 (3, size, size) in [0, 1]; random only when a random flag is set."""
+    from torchvision.transforms import v2
+
     if random_resized_crop:
         geometry = [v2.RandomResizedCrop(image_size, antialias=True)]
     else:

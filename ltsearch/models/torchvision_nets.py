@@ -5,27 +5,27 @@ The networks are torchvision's own constructors (weights=None, nothing is downlo
 boundaries. `weights` is a local state-dict file in torchvision's key layout (e.g. a downloaded
 `resnet50-*.pth`) or in this package's Backbone layout; its `fc` is used only when it fits the head.
 With pretrained weights the data's mean/std should be the ones the weights were trained with.
-`width` is not used: the channel plan is torchvision's.
+`width` is not used: the channel plan is torchvision's. torchvision itself (~1 s of imports, torch._dynamo
+among them) is imported when one of these networks is built, not when the backbones are registered.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from ltsearch.models.base import Backbone, FeatureInfo, Normalize
 from ltsearch.models.heads import create_classifier, load_backbone_weights, read_weights_file
 from ltsearch.registry import BACKBONES
 
-CONSTRUCTORS: dict[str, Callable[..., torchvision.models.ResNet]] = {
-    "resnet50": torchvision.models.resnet50,
-    "resnext50_32x4d": torchvision.models.resnext50_32x4d,
-    "resnet152": torchvision.models.resnet152,
-}
+if TYPE_CHECKING:
+    import torchvision
+
+#: the architectures, each named as its torchvision.models constructor (looked up when a network is built)
+ARCHITECTURES = ("resnet50", "resnext50_32x4d", "resnet152")
 STAGE_NAMES = ("input", "stem", "layer1", "layer2", "layer3", "layer4")
 STAGE_CHANNELS = (64, 256, 512, 1024, 2048)
 STAGE_REDUCTIONS = (1, 4, 4, 8, 16, 32)
@@ -74,7 +74,9 @@ def load_torchvision_weights(model: Backbone, net: torchvision.models.ResNet, pa
 
 def build_torchvision_resnet(*, arch: str, num_classes: int, in_chans: int, mean: tuple[float, ...],
                              std: tuple[float, ...], cosine_classifier: bool, width: int, weights: str | None) -> Backbone:
-    net = CONSTRUCTORS[arch](weights=None, num_classes=num_classes)
+    import torchvision.models
+
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if in_chans != 3:
         net.conv1 = input_conv(in_chans)
     feature_info = [FeatureInfo(c, r, n) for c, r, n in zip((in_chans, *STAGE_CHANNELS), STAGE_REDUCTIONS, STAGE_NAMES)]
@@ -85,5 +87,5 @@ def build_torchvision_resnet(*, arch: str, num_classes: int, in_chans: int, mean
     return model
 
 
-for _arch in CONSTRUCTORS:
+for _arch in ARCHITECTURES:
     BACKBONES.register(_arch, num_stages=5)(partial(build_torchvision_resnet, arch=_arch))

@@ -4,7 +4,8 @@ Files are read directly, with or without the `filenames` key and without checksu
 work as well as the originals, through a restricted unpickler (`SafeUnpickler`): it builds the builtin
 containers, bytes, strings and numbers, and numpy arrays through the reconstruction functions the format
 uses, and refuses any other global, so a crafted file cannot run code. `download: true` fetches the
-official archive with torchvision's downloader only when files are missing. Pixels stay uint8
+official archive with torchvision's downloader only when files are missing (torchvision is imported only
+then: registering and reading this source do not import it). Pixels stay uint8
 (N, 3, 32, 32); train ids are 0..49999, test ids 50000..59999.
 Normalisation: LDAM-DRW's CIFAR-10 statistics, and the usual CIFAR-100 training-set statistics.
 """
@@ -17,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive
 
 from ltsearch.config import DataConfig
 from ltsearch.data.dataset import AugmentSpec, SourceData
@@ -40,7 +39,7 @@ class CifarLayout:
     names_key: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    archive: type
+    archive: str  # the torchvision.datasets class whose url, filename and tgz_md5 name the official archive
 
     def files(self) -> tuple[str, ...]:
         return (*self.train_files, *self.test_files, self.meta_file)
@@ -50,11 +49,11 @@ CIFAR10_LAYOUT = CifarLayout(
     title="CIFAR-10", folder="cifar-10-batches-py",
     train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",), meta_file="batches.meta",
     label_key="labels", names_key="label_names",
-    mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), archive=CIFAR10)
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), archive="CIFAR10")
 CIFAR100_LAYOUT = CifarLayout(
     title="CIFAR-100", folder="cifar-100-python", train_files=("train",), test_files=("test",), meta_file="meta",
     label_key="fine_labels", names_key="fine_label_names",
-    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), archive=CIFAR100)
+    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), archive="CIFAR100")
 
 
 @DATASETS.register("cifar10")
@@ -103,7 +102,9 @@ def _fetch_or_explain(layout: CifarLayout, root: Path, folder: Path, download: b
         raise DataError(f"{layout.title} files not found in '{folder}' (missing: {', '.join(_missing(layout, folder))}). "
                         f"Expected the python-pickle layout: {expected}. Put them there (or set data.root to the "
                         f"directory that contains '{layout.folder}'), or set data.download: true to fetch them.")
-    archive = layout.archive
+    import torchvision.datasets
+
+    archive = getattr(torchvision.datasets, layout.archive)
     try:
         download_and_extract_archive(archive.url, str(root), filename=archive.filename, md5=archive.tgz_md5)
     except (OSError, RuntimeError) as error:
@@ -111,6 +112,13 @@ def _fetch_or_explain(layout: CifarLayout, root: Path, folder: Path, download: b
                         f"machine may be offline. Copy {expected} into '{folder}' and set data.download: false.") from None
     if _missing(layout, folder):
         raise DataError(f"downloaded {layout.title} into '{root}', but '{folder}' still lacks {', '.join(_missing(layout, folder))}")
+
+
+def download_and_extract_archive(url: str, download_root: str, *, filename: str, md5: str) -> None:
+    """torchvision's downloader, imported on first use."""
+    from torchvision.datasets.utils import download_and_extract_archive as download
+
+    download(url, download_root, filename=filename, md5=md5)
 
 
 #: the only globals a CIFAR pickle may name: numpy's array reconstruction (numpy 1.x and 2.x module names,

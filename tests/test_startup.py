@@ -1,0 +1,120 @@
+"""Start-up costs: what importing ltsearch's layers pulls in, and how a local Ray runtime is stopped.
+
+A Ray trial worker imports the trainable, unpickles the built dataset and looks its data source up in the
+registry; none of that may import torchvision (with torch._dynamo) or scikit-learn/scipy, ~2 s of imports
+on 2 cores that only decoding files, building a torchvision network or reading the digits file needs.
+Each check runs in a fresh interpreter, so what the test process already imported does not count.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ltsearch.config import DataConfig
+from ltsearch.data import build_dataset
+
+HEAVY = ("torchvision", "sklearn", "scipy")
+
+
+def imported_after(code: str, watched: tuple[str, ...] = HEAVY) -> list[str]:
+    """The top-level packages of `watched` that running `code` in a fresh interpreter imported."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(watched)!r})))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_layers_a_trial_worker_imports_pull_in_no_torchvision_sklearn_or_scipy():
+    code = ("import ltsearch.data, ltsearch.engine, ltsearch.tune.trainable\n"
+            "from ltsearch.registry import BACKBONES, DATASETS\n"
+            "assert 'digits' in DATASETS.names() and 'resnet50' in BACKBONES.names()\n"
+            "DATASETS.get('digits'); DATASETS.get('cifar10'); DATASETS.get('imagelist'); BACKBONES.get('resnet50')")
+    assert imported_after(code) == []
+
+
+def test_unpickling_a_built_dataset_imports_no_torchvision_sklearn_or_scipy(tmp_path: Path):
+    path = tmp_path / "data.pkl"
+    path.write_bytes(pickle.dumps(build_dataset(DataConfig())))
+    code = f"import pickle\ndata = pickle.loads(open({str(path)!r}, 'rb').read())\nassert data.num_classes == 10"
+    assert imported_after(code) == []
+
+
+def test_building_the_digits_dataset_does_not_import_sklearn():
+    code = "from ltsearch.config import DataConfig\nfrom ltsearch.data import build_dataset\nbuild_dataset(DataConfig(name='digits'))"
+    assert imported_after(code) == []
+
+
+def test_torchvision_is_imported_when_a_torchvision_network_is_built():
+    code = ("from ltsearch.models import create_backbone\n"
+            "net = create_backbone('resnet50', num_classes=3, in_chans=1, mean=(0.5,), std=(0.5,))\n"
+            "assert len(net.stages) == 5 and net.classifier.out_features == 3")
+    assert imported_after(code) == ["torchvision"]
+
+
+def test_building_the_cli_parser_imports_neither_torch_nor_ray():
+    watched = ("torch", "ray", "mlflow", "optuna", *HEAVY)
+    assert imported_after("import ltsearch.cli\nltsearch.cli.build_parser()", watched) == []
+
+
+# --------------------------------------------------------------------------- the local runtime's exit
+class FakeNode:
+    def __init__(self, head: bool):
+        self.head = head
+        self.calls: list[dict] = []
+
+    def kill_monitor(self, **kwargs) -> None:
+        self.calls.append(kwargs)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_stop_autoscaler_monitor_kills_only_a_head_nodes_monitor(monkeypatch, head: bool):
+    from ray._private import worker
+
+    from ltsearch.tune.session import stop_autoscaler_monitor
+
+    node = FakeNode(head)
+    monkeypatch.setattr(worker, "_global_node", node)
+    stop_autoscaler_monitor()
+    assert node.calls == ([{"check_alive": False}] if head else [])
+
+
+def test_stop_autoscaler_monitor_does_nothing_without_a_node_or_the_method(monkeypatch):
+    from ray._private import worker
+
+    from ltsearch.tune.session import stop_autoscaler_monitor
+
+    monkeypatch.setattr(worker, "_global_node", None)
+    stop_autoscaler_monitor()
+    monkeypatch.setattr(worker, "_global_node", object())  # a Ray without Node.head / kill_monitor: left to ray.shutdown
+    stop_autoscaler_monitor()
+
+
+def test_a_local_runtime_stops_its_monitor_while_the_gcs_still_runs(monkeypatch):
+    """The installed Ray still has what `stop_autoscaler_monitor` relies on, and it runs before the GCS stops
+    (after it, the monitor's SIGTERM handler waits out Ray's 1 s grace trying to reach the stopped GCS)."""
+    import ray
+    import ray._private.node as node_module
+
+    from ltsearch.tune.session import ray_session
+
+    if ray.is_initialized():
+        pytest.skip("a Ray runtime is already up in this process")
+    order: list[str] = []
+    original = node_module.Node._kill_process_impl
+
+    def recording(self, process_type, **kwargs):
+        order.append(process_type)
+        return original(self, process_type, **kwargs)
+
+    monkeypatch.setattr(node_module.Node, "_kill_process_impl", recording)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with ray_session(None):
+        assert ray.is_initialized()
+    assert not ray.is_initialized()
+    assert "monitor" in order and "gcs_server" in order and order.index("monitor") < order.index("gcs_server"), order
