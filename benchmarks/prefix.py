@@ -6,12 +6,19 @@ default) that prefix is trained once per key (a "trunk") and every run forks fro
 
 1. sweep: `ltsearch tune` of 8 trials over SAFA's four lambdas (log-uniform, a decade either side of the
    paper's values, as search_spaces/safa_lambdas.yaml), seeded random sampler (both modes draw the same 8
-   points), FIFO scheduler, 1 CPU per trial (2 trials at once on 2 cores), tracking off.
-2. ablation: `ltsearch ablate` leave-one-out, rows Full method / w/o L_r / w/o L_c x train seeds 0, 1.
+   points), tracking off, in two layouts of the 2 cores:
+   - "1 x 2 CPUs, ASHA": one trial at a time with both cores (2 torch threads), ASHA as safa_lambdas.yaml
+     runs it (rungs counted in epochs after T; grace 1, reduction factor 2). One trial at a time makes
+     ASHA's stops independent of when results arrive, so both modes train the same trial-epochs.
+   - "2 x 1 CPU, FIFO": two trials at once with one core each, every trial trained to the end. While the
+     trunk trains, the second slot idles (its trial waits for the snapshot): with equal epoch costs this
+     layout's ratio is at most n / (1.6 + 0.2 n) = 2.5 for n = 8, whatever sharing does.
+2. ablation: `ltsearch ablate` leave-one-out, rows Full method / w/o L_r / w/o L_c x train seeds 0, 1
+   (2 runs at once, 1 CPU each).
 
-Both on the embedded digits data with the repo's LDAM-DRW recipe for it (configs/digits_ldam_drw.yaml: SAFA's
-paper recipe scaled to 20 epochs, DRW and the first lr step at 16 = 80 %), small_cnn widened to 96 so an epoch
-is not all overhead, train.epochs E (default 20), augmenter.start_epoch T = 80 % of E (the recipe's DRW/step
+All on the embedded digits data with the repo's LDAM-DRW recipe for it (configs/digits_ldam_drw.yaml: SAFA's
+paper recipe scaled to 20 epochs, DRW and the first lr step at 16 = 80 %), on ResNet-32 (the paper's CIFAR
+backbone; `--model`), train.epochs E (default 20), augmenter.start_epoch T = 80 % of E (the recipe's DRW/step
 point, scaled with E; SAFA's paper puts T just before that point too). Each command runs as a user runs
 it (a subprocess: interpreter, imports, data, Ray start-up, the trials and the outputs), with a fresh
 $LTSEARCH_CACHE per command so nothing is reused between modes, in alternating order (sweep: shared first,
@@ -37,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +52,6 @@ from benchmarks._results import publish
 
 REPO = Path(__file__).resolve().parents[1]
 LTSEARCH = str(Path(sys.executable).parent / "ltsearch")
-SLOTS = 2  # 1 CPU per trial on this 2-core machine
 SHARED = "prefix/shared"
 # not results: how long an epoch took, where it ran, which trial id Ray drew, and the sharing markers themselves
 VOLATILE = {"epoch_seconds", "images_per_s", "node_id", "trial_id", "prefix/key", SHARED, "seconds"}
@@ -59,10 +66,10 @@ space:
   augmenter.safa.lambda_ms_head: {{loguniform: [10.0, 1000.0]}}
   augmenter.safa.lambda_contrastive: {{loguniform: [1.0e-2, 1.0]}}
 search: {{sampler: random, num_samples: {trials}, seed: 0, max_concurrent: {slots}}}
-scheduler: {{name: fifo}}
+scheduler: {scheduler}
 metric: val/top1
 mode: max
-resources: {{cpu: 1, gpu: 0}}
+resources: {{cpu: {cpu}, gpu: 0}}
 tracking: {{enabled: false}}
 """
 
@@ -76,16 +83,36 @@ rows:
   "w/o L_c": {{augmenter.name: safa, augmenter.safa.lambda_contrastive: 0}}
 seeds: {{train: {seeds}, data: [0]}}
 metric: test/top1
-resources: {{cpu: 1, gpu: 0}}
+resources: {{cpu: {cpu}, gpu: 0}}
 tracking: {{enabled: false}}
 """
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One command measured in both modes: what it runs, and how the 2 cores are laid out."""
+
+    name: str
+    kind: str  # "tune" or "ablate"
+    label: str
+    slots: int  # runs at once
+    cpu: int  # CPUs (= torch threads) per run
+    scheduler: str = "{name: fifo}"
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    every = [Workload("sweep-asha", "tune", f"sweep: {args.trials} trials, 1 x 2 CPUs, ASHA", slots=1, cpu=2,
+                      scheduler="{name: asha, grace_period: 1, reduction_factor: 2}"),
+             Workload("sweep-fifo", "tune", f"sweep: {args.trials} trials, 2 x 1 CPU, FIFO", slots=2, cpu=1),
+             Workload("ablation", "ablate", f"ablation: 3 rows x {len(args.seeds)} seeds, 2 x 1 CPU", slots=2, cpu=1)]
+    return [load for load in every if args.only is None or load.name in args.only]
 
 
 def recipe(args: argparse.Namespace) -> str:
     """The run settings both files share: the LDAM-DRW recipe's DRW and lr steps moved with T when E is not 20."""
     second = args.start + max(1, (args.epochs - args.start) // 2)
     return "\n".join([
-        f"model: {{name: small_cnn, width: {args.width}}}",
+        f"model: {{name: {args.model}}}",
         f"train: {{epochs: {args.epochs}, device: cpu}}",
         f"optim: {{schedule: {{name: step, warmup_epochs: 1, milestones: [{args.start}, {second}], factors: [0.1, 0.01]}}}}",
         f"loss: {{reweight: {{start_epoch: {args.start}}}}}",
@@ -165,7 +192,7 @@ def trunk_epoch_seconds(rows_by_key: dict[str, list[dict[str, Any]]]) -> float:
     return sum(sum(r["epoch_seconds"] for r in rows if _is_shared(r)) for rows in rows_by_key.values())
 
 
-def epoch_figures(runs: dict[str, list[dict[str, Any]]], directory: Path, start: int) -> dict[str, Any]:
+def epoch_figures(runs: dict[str, list[dict[str, Any]]], directory: Path, start: int, slots: int) -> dict[str, Any]:
     """Epochs and train seconds actually spent, from the runs' histories and prefixes/summary.json."""
     summary_file = directory / "prefixes" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -180,17 +207,17 @@ def epoch_figures(runs: dict[str, list[dict[str, Any]]], directory: Path, start:
     pre = [r["epoch_seconds"] for r in trained if r["epoch"] < start]
     post = [r["epoch_seconds"] for r in trained if r["epoch"] >= start]
     trunk_s, fork_s = trunk_epoch_seconds(by_key), sum(r["epoch_seconds"] for r in trained)
-    # the shortest wall these epochs allow on SLOTS slots: trunks side by side (a waiting run idles its slot), then the rest packed
-    critical = math.ceil(len(by_key) / SLOTS) * trunk_s / len(by_key) + fork_s / SLOTS if by_key else fork_s / SLOTS
+    # the shortest wall these epochs allow on `slots` slots: trunks side by side (a waiting run idles its slot), then the rest packed
+    critical = math.ceil(len(by_key) / slots) * trunk_s / len(by_key) + fork_s / slots if by_key else fork_s / slots
     return {"runs": len(runs), "reported": reported, "trial_epochs": len(trained), "trunk_epochs": trunk_epochs, "critical_s": critical,
             "epochs": len(trained) + trunk_epochs, "trunks": len(summary), "forks": sum(e["forks"] for e in summary.values()),
             "forked_runs": sum(1 for rows in runs.values() if any(_is_shared(r) for r in rows)),
-            "train_s": fork_s + trunk_s,
+            "train_s": fork_s + trunk_s, "pre_epochs": len(pre), "post_epochs": len(post),
             "pre_epoch_s": statistics.median(pre) if pre else None, "post_epoch_s": statistics.median(post) if post else None,
             "summary": summary}
 
 
-def read_sweep(directory: Path, start: int) -> dict[str, Any]:
+def read_sweep(directory: Path, start: int, slots: int) -> dict[str, Any]:
     from ltsearch.results import read_table
 
     trials = read_table(directory / "trials.parquet")
@@ -205,12 +232,12 @@ def read_sweep(directory: Path, start: int) -> dict[str, Any]:
     best_header = next(line for line in (directory / "best.yaml").read_text().splitlines() if "=" in line and line.startswith("#"))
     best_id = (directory / "best.yaml").read_text().splitlines()[0].split()[3]
     best = next(row for row in trials if row["trial_id"] == best_id)
-    return {**epoch_figures(runs, directory, start), "histories": runs, "trials": {point[t["trial_id"]]: t for t in trials},
+    return {**epoch_figures(runs, directory, start, slots), "histories": runs, "trials": {point[t["trial_id"]]: t for t in trials},
             "best_after_start": sum(1 for t in trials if t["best_epoch"] is not None and t["best_epoch"] >= start),
             "best": best, "best_point": point[best_id], "best_yaml": best_yaml, "best_header": best_header.lstrip("# ")}
 
 
-def read_ablation(directory: Path, start: int) -> dict[str, Any]:
+def read_ablation(directory: Path, start: int, slots: int) -> dict[str, Any]:
     from ltsearch.results import read_table
 
     runs, results = {}, {}
@@ -218,7 +245,7 @@ def read_ablation(directory: Path, start: int) -> dict[str, Any]:
         if run.is_dir():
             runs[run.name] = sorted(read_table(run / "history.parquet"), key=lambda r: r["epoch"])
             results[run.name] = json.loads((run / "result.json").read_text())
-    return {**epoch_figures(runs, directory, start), "histories": runs, "results": results,
+    return {**epoch_figures(runs, directory, start, slots), "histories": runs, "results": results,
             "best_after_start": sum(1 for r in results.values() if r.get("best_epoch") is not None and r["best_epoch"] >= start)}
 
 
@@ -266,38 +293,39 @@ def compare_ablations(on: dict[str, Any], off: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------------------------ the benchmark
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    values = {"base": REPO / "configs" / "digits_ldam_drw.yaml", "recipe": recipe(args), "trials": args.trials, "slots": SLOTS,
-              "seeds": json.dumps(args.seeds)}
-    sweep_file, ablation_file = work / "sweep.yaml", work / "ablation.yaml"
-    sweep_file.write_text(SWEEP.format(**values))
-    ablation_file.write_text(ABLATION.format(**values))
+    base = {"base": REPO / "configs" / "digits_ldam_drw.yaml", "recipe": recipe(args), "trials": args.trials,
+            "seeds": json.dumps(args.seeds)}
     walls: dict[tuple[str, bool], list[float]] = {}
     reads: dict[tuple[str, bool], dict[str, Any]] = {}
     lines: dict[tuple[str, bool], str | None] = {}
     problems: list[str] = []
     for index in range(args.rounds):
-        order = [True, False] if (index + args.unshared_first) % 2 == 0 else [False, True]
-        for kind, file, modes in (("tune", sweep_file, order), ("ablate", ablation_file, order[::-1])):
-            for share in modes:
-                name = f"{kind}-{'shared' if share else 'unshared'}-{index}"
-                print(f"[{time.strftime('%H:%M:%S')}] ltsearch {kind} {'(sharing)' if share else '--no-share-prefix'} ...", file=sys.stderr, flush=True)
-                wall, output = run_command(kind, file, work / name, share, work / f"cache-{name}")
+        for number, load in enumerate(workloads(args)):
+            file = work / f"{load.name}.yaml"
+            template = SWEEP if load.kind == "tune" else ABLATION
+            file.write_text(template.format(**base, slots=load.slots, cpu=load.cpu, scheduler=load.scheduler))
+            shared_first = (index + number + args.unshared_first) % 2 == 0
+            for share in ([True, False] if shared_first else [False, True]):
+                name = f"{load.name}-{'shared' if share else 'unshared'}-{index}"
+                print(f"[{time.strftime('%H:%M:%S')}] {load.label}: ltsearch {load.kind} {'(sharing)' if share else '--no-share-prefix'} ...",
+                      file=sys.stderr, flush=True)
+                wall, output = run_command(load.kind, file, work / name, share, work / f"cache-{name}")
                 print(f"    {wall:.1f} s; {shared_line(output) or 'no sharing line'}", file=sys.stderr, flush=True)
-                walls.setdefault((kind, share), []).append(wall)
-                read = (read_sweep if kind == "tune" else read_ablation)(work / name, args.start)
-                previous = reads.setdefault((kind, share), read)
+                walls.setdefault((load.name, share), []).append(wall)
+                read = (read_sweep if load.kind == "tune" else read_ablation)(work / name, args.start, load.slots)
+                previous = reads.setdefault((load.name, share), read)
                 if previous is not read and previous["epochs"] != read["epochs"]:
-                    problems.append(f"{kind} {'shared' if share else 'unshared'}: {previous['epochs']} epochs in round 1, {read['epochs']} in round {index + 1}")
-                lines[(kind, share)] = shared_line(output)
-    problems.extend(compare_sweeps(reads[("tune", True)], reads[("tune", False)]))
-    problems.extend(compare_ablations(reads[("ablate", True)], reads[("ablate", False)]))
-    for kind in ("tune", "ablate"):
-        off = reads[(kind, False)]
-        if off["summary"] or off["forked_runs"] or lines[(kind, False)]:
-            problems.append(f"{kind} --no-share-prefix: shared anyway ({off['summary']}, {off['forked_runs']} forked runs)")
-        on = reads[(kind, True)]
+                    problems.append(f"{load.name} {'shared' if share else 'unshared'}: {previous['epochs']} epochs in round 1, "
+                                    f"{read['epochs']} in round {index + 1}")
+                lines[(load.name, share)] = shared_line(output)
+    for load in workloads(args):
+        on, off = reads[(load.name, True)], reads[(load.name, False)]
+        compare = compare_sweeps if load.kind == "tune" else compare_ablations
+        problems.extend(f"{load.name}: {problem}" for problem in compare(on, off))
+        if off["summary"] or off["forked_runs"] or lines[(load.name, False)]:
+            problems.append(f"{load.name} --no-share-prefix: shared anyway ({off['summary']}, {off['forked_runs']} forked runs)")
         if on["forked_runs"] != on["runs"] or not on["summary"]:
-            problems.append(f"{kind} with sharing: {on['forked_runs']} of {on['runs']} runs forked, summary {on['summary'] or 'missing'}")
+            problems.append(f"{load.name} with sharing: {on['forked_runs']} of {on['runs']} runs forked, summary {on['summary'] or 'missing'}")
     return {"walls": walls, "reads": reads, "lines": lines, "problems": problems}
 
 
@@ -307,63 +335,70 @@ def per_epoch(read: dict[str, Any]) -> str:
     return f"{pre}, {read['post_epoch_s']:.2f}"
 
 
-def ideal_ratio(runs: int, trunks: int, epochs: int, start: int, pre: float, post: float) -> float:
-    """Unshared over shared compute time on SLOTS slots, perfectly packed, no start-up: the trunks run side by side
-    (at most SLOTS at once) while any other slot idles (its run waits for the snapshot), then the forks share the slots."""
-    alone = runs * (start * pre + (epochs - start) * post) / SLOTS
-    shared = math.ceil(trunks / SLOTS) * start * pre + runs * (epochs - start) * post / SLOTS
+def ideal_ratio(off: dict[str, Any], on: dict[str, Any], start: int, slots: int, pre: float, post: float) -> float:
+    """Unshared over shared compute time of the epochs each mode trained, on `slots` slots, perfectly packed, no
+    start-up: the trunks run side by side (at most `slots` at once) while any other slot idles (its run waits for
+    the snapshot), then the forks share the slots."""
+    alone = (off["pre_epochs"] * pre + off["post_epochs"] * post) / slots
+    shared = math.ceil(on["trunks"] / slots) * start * pre + on["post_epochs"] * post / slots
     return alone / shared
 
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
-    load = os.getloadavg()
+    load_average = os.getloadavg()
     walls, reads = result["walls"], result["reads"]
     rows, figures, limits = [], {}, []
-    for kind, label in (("tune", f"sweep: {args.trials} trials"), ("ablate", f"ablation: 3 rows x {len(args.seeds)} seeds")):
-        on, off = reads[(kind, True)], reads[(kind, False)]
-        wall_on, wall_off = statistics.median(walls[(kind, True)]), statistics.median(walls[(kind, False)])
-        epochs_ratio, wall_ratio = off["epochs"] / on["epochs"], wall_off / wall_on
-        figures[kind] = (epochs_ratio, wall_ratio)
-        limit_even = ideal_ratio(on["runs"], on["trunks"], args.epochs, args.start, 1.0, 1.0)
-        limit_measured = ideal_ratio(on["runs"], on["trunks"], args.epochs, args.start, off["pre_epoch_s"], off["post_epoch_s"])
+    for load in workloads(args):
+        on, off = reads[(load.name, True)], reads[(load.name, False)]
+        wall_on, wall_off = statistics.median(walls[(load.name, True)]), statistics.median(walls[(load.name, False)])
+        figures[load.name] = (off["epochs"] / on["epochs"], wall_off / wall_on)
+        even = ideal_ratio(off, on, args.start, load.slots, 1.0, 1.0)
+        measured = ideal_ratio(off, on, args.start, load.slots, off["pre_epoch_s"], off["post_epoch_s"])
+        limits.append(f"{load.label}: {even:.2f}x with equal epoch costs, {measured:.2f}x with the measured ones "
+                      f"(from T an epoch costs {off['post_epoch_s'] / off['pre_epoch_s']:.1f}x one before T)")
+
         def walls_text(share: bool) -> str:
-            return ", ".join(f"{w:.1f}" for w in walls[(kind, share)])
+            return ", ".join(f"{w:.1f}" for w in walls[(load.name, share)])
 
         def rest(read: dict[str, Any], share: bool) -> float:
-            return statistics.median(walls[(kind, share)]) - read["critical_s"]
+            return statistics.median(walls[(load.name, share)]) - read["critical_s"]
 
-        rows.append(f"| {label} | unshared | {walls_text(False)} | {off['epochs']} ({off['trial_epochs']} + 0) | - | "
+        rows.append(f"| {load.label} | unshared | {walls_text(False)} | {off['epochs']} ({off['trial_epochs']} + 0) | - | "
                     f"{per_epoch(off)} | {off['train_s']:.1f} | {off['critical_s']:.1f} | {rest(off, False):.1f} |")
-        rows.append(f"| {label} | shared | {walls_text(True)} | {on['epochs']} ({on['trial_epochs']} + {on['trunk_epochs']}) | "
+        rows.append(f"| {load.label} | shared | {walls_text(True)} | {on['epochs']} ({on['trial_epochs']} + {on['trunk_epochs']}) | "
                     f"{on['trunks']} trunk(s), {on['forked_runs']} of {on['runs']} runs forked | {per_epoch(on)} | {on['train_s']:.1f} | "
                     f"{on['critical_s']:.1f} | {rest(on, True):.1f} |")
-        rows.append(f"| {label} | **unshared / shared** | **{wall_ratio:.2f}x** | **{epochs_ratio:.2f}x** | | | "
+        rows.append(f"| {load.label} | **unshared / shared** | **{figures[load.name][1]:.2f}x** | **{figures[load.name][0]:.2f}x** | | | "
                     f"{off['train_s'] / on['train_s']:.2f}x | {off['critical_s'] / on['critical_s']:.2f}x | |")
-        limits.append(f"{label}: {limit_even:.2f}x with equal epoch costs, {limit_measured:.2f}x with the measured ones")
-    sweep_on, sweep_off = reads[("tune", True)], reads[("tune", False)]
-    epochs_goal, wall_goal = figures["tune"][0] >= 3.0, figures["tune"][1] >= 2.5
     problems = result["problems"]
     identical = "IDENTICAL in both modes" if not problems else f"**{len(problems)} DIFFERENCE(S)** (listed below)"
+    goals = [f"{load.label}: >= 3x fewer epochs {'met' if figures[load.name][0] >= 3.0 else 'MISSED'} ({figures[load.name][0]:.2f}x), "
+             f">= 2.5x less wall {'met' if figures[load.name][1] >= 2.5 else 'MISSED'} ({figures[load.name][1]:.2f}x)"
+             for load in workloads(args) if load.kind == "tune"]
+    best = "; ".join((f"{load.name}: best trial {reads[(load.name, True)]['best_header']}, " if load.kind == "tune" else f"{load.name}: ")
+                     + f"best-val epoch at or after T in {reads[(load.name, True)]['best_after_start']} of {reads[(load.name, True)]['runs']} runs"
+                     for load in workloads(args))
     lines = [
         f"### prefix.py — {time.strftime('%Y-%m-%d %H:%M %Z')} — CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU lent to this task",
-        "Shared training prefixes: a SAFA sweep and a SAFA leave-one-out ablation on digits, each with sharing (the default) "
+        "Shared training prefixes: SAFA sweeps and a SAFA leave-one-out ablation on digits, each with sharing (the default) "
         "and with `--no-share-prefix`; whole commands, alternating order, a fresh `$LTSEARCH_CACHE` per command.",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}; "
-        f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (shared with other work)",
-        f"- command: `python -m benchmarks.prefix --epochs {args.epochs} --start {args.start} --trials {args.trials} --width {args.width} "
-        f"--seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}{' --unshared-first' if args.unshared_first else ''} --write`",
-        f"- workload: configs/digits_ldam_drw.yaml (LDAM-DRW; small_cnn width {args.width} instead of 32), SAFA at its default insertion "
-        f"point, train.epochs {args.epochs}, augmenter.start_epoch T = {args.start} ({100 * args.start / args.epochs:.0f} %) = DRW start = "
-        "first lr step, 1 CPU (1 torch thread) per run, 2 runs at once, tracking off, checkpoint every epoch (the default)",
-        f"- sweep: SAFA's four lambdas of Eq. 1 (log-uniform, as search_spaces/safa_lambdas.yaml, T fixed), {args.trials} trials "
-        "from a seeded random sampler (the same points in both modes, checked), **FIFO** scheduler: ASHA's stops depend on the "
-        "order results arrive, which sharing changes, so both modes would not train the same trial-epochs; FIFO makes the "
-        "epoch counts and the equality check exact (ASHA, which now counts epochs after T, would only cut post-T epochs, "
-        "so the shared share of the work would be larger still)",
+        f"load average at the end {load_average[0]:.2f} / {load_average[1]:.2f} / {load_average[2]:.2f}",
+        f"- command: `python -m benchmarks.prefix --epochs {args.epochs} --start {args.start} --trials {args.trials} --model {args.model} "
+        f"--seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}{' --unshared-first' if args.unshared_first else ''}"
+        f"{' --only ' + ' '.join(args.only) if args.only else ''} --write`",
+        f"- workload: configs/digits_ldam_drw.yaml (LDAM-DRW) on {args.model}, SAFA at its default insertion point, train.epochs "
+        f"{args.epochs}, augmenter.start_epoch T = {args.start} ({100 * args.start / args.epochs:.0f} %) = DRW start = first lr step, "
+        "torch threads = CPUs per run, tracking off, checkpoint every epoch (the default)",
+        f"- sweeps: SAFA's four lambdas of Eq. 1 (log-uniform, as search_spaces/safa_lambdas.yaml, T fixed), {args.trials} trials from "
+        "a seeded random sampler (the same points in both modes, checked). 1 x 2 CPUs, ASHA: one trial at a time on both cores, "
+        "ASHA counting epochs after T (grace 1, reduction factor 2) as the shipped search spaces do; one at a time, its stops do "
+        "not depend on when results arrive, so both modes train the same trial-epochs. 2 x 1 CPU, FIFO: two trials at once, "
+        "every trial to the end",
         f"- ablation: rows Full method / w/o L_r / w/o L_c (lambda_recycle = 0, lambda_contrastive = 0) x train seeds "
         f"{', '.join(map(str, args.seeds))}; lambdas are post-T knobs, so runs with the same seed share one trunk",
-        f"- sharing lines: sweep `{result['lines'][('tune', True)]}`; ablation `{result['lines'][('ablate', True)]}`",
+        "- sharing lines: " + "; ".join(f"{load.name} `{result['lines'][(load.name, True)]}`" for load in workloads(args)),
         "",
         "| workload | mode | wall s | epochs trained (trial + trunk) | prefixes | train s / epoch before T, from T | train s, summed | "
         "critical path s | wall - critical path s |",
@@ -372,23 +407,17 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
         "",
         "- epochs trained: unshared = every epoch of every run; shared = the runs' epochs not marked `prefix/shared` plus the "
         "trunks' `epochs_trained` in prefixes/summary.json",
-        f"- train s / epoch: medians of epoch_seconds (training only, 1 thread; evaluation not included) of the epochs trained "
-        f"by the runs themselves, before T and from T on (SAFA active); unshared sweep: {sweep_off['pre_epoch_s']:.3f} s and "
-        f"{sweep_off['post_epoch_s']:.3f} s ({sweep_off['post_epoch_s'] / sweep_off['pre_epoch_s']:.1f}x); the same epochs "
-        "differ between commands by the load other work put on the 2 cores meanwhile",
+        "- train s / epoch: medians of epoch_seconds (training only; evaluation not included) of the epochs trained by the runs "
+        "themselves, before T and from T on (SAFA active)",
         "- train s, summed: the epoch_seconds of every epoch trained (the trunks' from the prefix rows they hand to their forks); "
-        f"critical path: the shortest wall those epochs allow on {SLOTS} slots (unshared: the sum / {SLOTS}; shared: the trunks, "
-        f"{SLOTS} side by side at most, while a waiting run holds the other slot idle, then the forks' epochs / {SLOTS}); "
-        "wall - critical path: start-up (interpreter, imports, data, Ray), evaluation, checkpoints, snapshots, outputs, and "
-        "other work on the machine",
+        "critical path: the shortest wall those epochs allow on the layout's slots (unshared: the sum / slots; shared: the trunks, "
+        "side by side at most slots at once, while a waiting run holds any other slot idle, then the forks' epochs / slots); "
+        "wall - critical path: start-up (interpreter, imports, data, Ray), evaluation, checkpoints, snapshots, outputs, other work",
         f"- ideal wall ratio (critical paths alone, no start-up, perfect packing): {'; '.join(limits)}",
-        f"- results: {identical} (exact equality of the sweep's {len(sweep_on['trials'])} configurations, every trial's "
-        f"per-epoch metrics, the best trial's trials.parquet row and best.yaml, every ablation run's result.json and history; "
-        f"timing fields and sharing markers left out); best trial: {sweep_on['best_header']}; best-val epoch at or after T "
-        f"(so chosen by post-T, per-trial training, not by the shared prefix): {sweep_on['best_after_start']} of {sweep_on['runs']} "
-        f"trials, {reads[('ablate', True)]['best_after_start']} of {reads[('ablate', True)]['runs']} ablation runs",
-        f"- **goals (sweep): >= 3x fewer epochs: {'met' if epochs_goal else 'MISSED'} ({figures['tune'][0]:.2f}x); "
-        f">= 2.5x less wall: {'met' if wall_goal else 'MISSED'} ({figures['tune'][1]:.2f}x)**",
+        f"- results: {identical} (exact equality of each sweep's configurations, every trial's per-epoch metrics, the best "
+        "trial's trials.parquet row and best.yaml, every ablation run's result.json and history; timing fields and sharing "
+        f"markers left out); {best}",
+        f"- **goals (sweeps): {'; '.join(goals)}**",
     ]
     if problems:
         lines += ["", "Differences:", *[f"- {p}" for p in problems[:40]]]
@@ -402,10 +431,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="train.epochs of every run")
     parser.add_argument("--start", type=int, help="augmenter.start_epoch T (default: 80 %% of --epochs)")
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--width", type=int, default=96, help="small_cnn width (digits.yaml: 32)")
+    parser.add_argument("--model", default="resnet32", help="the backbone (model.name)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the ablation's train seeds")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--unshared-first", action="store_true", help="start the sweep without sharing (default: with)")
+    parser.add_argument("--only", nargs="+", choices=["sweep-asha", "sweep-fifo", "ablation"], help="measure these workloads only")
+    parser.add_argument("--unshared-first", action="store_true", help="start the first command without sharing (default: with)")
     parser.add_argument("--keep", type=Path, help="keep the sweeps and ablations in this (new) folder")
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
     args = parser.parse_args()
