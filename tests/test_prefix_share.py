@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +150,23 @@ def test_board_hands_a_stalled_trunk_to_the_next_caller(ray_runtime):
     assert ray.get(board.progress.remote("k", owner["token"], 1, 0.1))["target"] == -1  # the old owner is told to stop
 
 
+def test_board_gives_a_restarted_owner_its_trunk_back_at_once(ray_runtime):
+    board = PrefixBoard.remote()  # stall 10 min: only the claimant's name can explain an immediate handover
+    owner = ray.get(board.claim.remote("k", 3, "trial_a"))
+    other = board.claim.remote("k", 3, "trial_b")
+    again = ray.get(board.claim.remote("k", 3, "trial_a"), timeout=10)  # Tune retried trial_a: its old process is gone
+    assert again["status"] == TRAIN and again["token"] != owner["token"]
+    assert ray.get(board.progress.remote("k", owner["token"], 1, 0.1))["target"] == -1
+    ready, _ = ray.wait([other], timeout=0.5)
+    assert not ready  # trial_b still waits for the (new) trunk
+    ray.get(board.published.remote("k", again["token"], 3))
+    assert ray.get(other)["status"] == READY
+    anonymous = PrefixBoard.remote()
+    first = ray.get(anonymous.claim.remote("k", 3))
+    ready, _ = ray.wait([anonymous.claim.remote("k", 3)], timeout=0.5)
+    assert first["status"] == TRAIN and not ready  # no names: a second caller waits, as before
+
+
 # ================================================================================== sweeps
 @pytest.mark.slow
 def test_sweep_trains_the_prefix_once_and_matches_the_unshared_sweep_bit_for_bit(ray_runtime, tmp_path):
@@ -169,6 +188,46 @@ def test_sweep_trains_the_prefix_once_and_matches_the_unshared_sweep_bit_for_bit
         assert [comparable(r) for r in rows] == [comparable(r) for r in theirs[point]]  # every number identical
         assert all(r[ACTIVE_EPOCHS] == r[EPOCHS] - start for r in rows)
     assert shared.best["config"] == alone.best["config"] and shared.best["best/val/top1"] == alone.best["best/val/top1"]
+
+
+@pytest.mark.slow
+def test_a_trunk_killed_mid_way_is_taken_back_by_its_retried_trial_and_changes_no_number(ray_runtime, tmp_path):
+    """SIGKILL the process training the trunk after its snapshot at epoch 2 of 8: Tune retries that trial
+    (max_failures 1), the board hands it the trunk back at once (not after the 10-minute stall), the trunk
+    resumes from its latest snapshot, and every trial's numbers equal those of the sweep without sharing."""
+    lines = [f"base: {DIGITS}", "name: safa_killed", "augmenter: {name: safa, start_epoch: 8}", "train: {epochs: 10}",
+             "model: {width: 16}", "space:", "  augmenter.safa.lambda_recycle: {loguniform: [10.0, 1000.0]}",
+             "search: {sampler: random, num_samples: 2, seed: 0, max_concurrent: 1}", "scheduler: {name: fifo}",
+             "resources: {cpu: 1}", "checkpoint: {every: 1}", "max_failures: 1", "tracking: {enabled: false}"]
+    file = tmp_path / "safa_killed.yaml"
+    file.write_text("\n".join(lines) + "\n")
+    prefixes = tmp_path / "shared" / "prefixes"
+    seen: dict[str, object] = {}
+
+    def kill_the_trunk() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(prefixes.glob("*/epoch-2.pt")):
+            time.sleep(0.01)
+        seen["before_kill"] = sorted(p.name for p in prefixes.glob("*/epoch-*.pt"))
+        seen["killed"] = subprocess.run(["pkill", "-9", "-f", "ray::ImplicitFunc"], check=False).returncode == 0
+
+    killer = threading.Thread(target=kill_the_trunk, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    shared, log = run(tmp_path, "shared", file)
+    elapsed = time.monotonic() - started
+    killer.join(timeout=5)
+    assert seen.get("killed") and "epoch-8.pt" not in seen["before_kill"], seen  # killed mid-trunk, before T
+    assert elapsed < 300, elapsed  # far less than the 600 s stall a lost owner costs
+    (entry,) = json.loads((prefixes / "summary.json").read_text()).values()
+    assert 8 <= entry["epochs_trained"] <= 9 and entry["forks"] == 2, entry  # resumed, not restarted: at most the killed epoch again
+    alone, _ = run(tmp_path, "alone", file, "share_prefix=false")
+    keys = ["augmenter.safa.lambda_recycle"]
+    ours, theirs = by_config(shared, keys), by_config(alone, keys)
+    assert ours.keys() == theirs.keys() and len(ours) == 2
+    for point, rows in ours.items():
+        assert [r["epoch"] for r in rows] == list(range(10))
+        assert [comparable(r) for r in rows] == [comparable(r) for r in theirs[point]]
 
 
 @pytest.mark.slow

@@ -5,9 +5,11 @@ told to train the trunk (it does so in its own process, on its own CPUs/GPU, so 
 holds resources the trunk needs); every later caller for the same key waits inside the actor (an
 asyncio condition, no polling from the run) until the snapshot is published, and a caller whose T the
 running trunk has not passed yet adds T to the epochs the trunk stops to snapshot. When the trunk
-fails, every waiter gets its error. When the trunk's trainer dies without a word (its node lost), its
-heartbeats stop; after `stall_s` without one the next waiter takes over from the trunk's own
-checkpoint, so nothing trained is redone.
+fails, every waiter gets its error. When the trunk's trainer dies without a word, the run that owned it
+takes it over at once when Tune retries that run (the same claimant asking again means the process
+that trained it is gone: Tune runs a trial in one process at a time); otherwise (its node lost, no retry)
+its heartbeats stop, and after `stall_s` without one the next waiter takes over. Either way the trunk
+resumes from its own latest snapshot or checkpoint, so nothing saved is trained again.
 
 The board only coordinates; the snapshots are files (`PrefixStore`), so a resumed sweep with a new
 board finds what the old one published.
@@ -31,6 +33,7 @@ class _Entry:
     """What the board knows of one prefix key."""
 
     owner: str | None = None
+    claimant: str | None = None  # the run (Tune trial id) the owner trains for
     position: int = 0  # epochs the owner's trunk has trained
     target: int = 0
     wanted: set[int] = field(default_factory=set)
@@ -54,8 +57,12 @@ class PrefixBoard:
     def _entry(self, key: str) -> _Entry:
         return self.entries.setdefault(key, _Entry())
 
-    async def claim(self, key: str, epoch: int) -> dict[str, Any]:
-        """READY (the snapshot at `epoch` is published), TRAIN (with a token: the caller trains the trunk) or FAILED."""
+    async def claim(self, key: str, epoch: int, claimant: str | None = None) -> dict[str, Any]:
+        """READY (the snapshot at `epoch` is published), TRAIN (with a token: the caller trains the trunk) or FAILED.
+
+        `claimant` names the run asking (its Tune trial id); a run that asks again while the board still
+        counts it as the trunk's owner has been restarted, so it takes the trunk back without waiting for a stall.
+        """
         entry = self._entry(key)
         async with entry.changed:
             while True:
@@ -63,8 +70,8 @@ class PrefixBoard:
                     return {"status": READY}
                 if epoch in entry.failed:
                     return {"status": FAILED, **entry.failed[epoch]}
-                if entry.owner is None or self._stalled(entry):
-                    entry.owner, entry.target, entry.wanted = uuid.uuid4().hex, epoch, {epoch}
+                if entry.owner is None or self._stalled(entry) or (claimant is not None and claimant == entry.claimant):
+                    entry.owner, entry.claimant, entry.target, entry.wanted = uuid.uuid4().hex, claimant, epoch, {epoch}
                     entry.beat, entry.position = time.monotonic(), 0
                     return {"status": TRAIN, "token": entry.owner}
                 if entry.position <= epoch:  # the trunk has not passed `epoch`: it stops there for this run too
@@ -105,7 +112,7 @@ class PrefixBoard:
                 return
             if error is not None:
                 entry.failed.update({epoch: error for epoch in entry.wanted if epoch not in entry.ready})
-            entry.owner, entry.wanted = None, set()
+            entry.owner, entry.claimant, entry.wanted = None, None, set()
             entry.changed.notify_all()
 
     async def summary(self) -> dict[str, dict[str, int]]:

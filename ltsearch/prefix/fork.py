@@ -97,8 +97,9 @@ def start_trainer(config: RunConfig, sharing: PrefixSharing | None, data: Any = 
 
 
 def _through_board(prefix: Prefix, sharing: PrefixSharing, store: PrefixStore, data: Any) -> Any:
+    claimant = _trial_id()
     while True:
-        answer = ray.get(sharing.board.claim.remote(prefix.key, prefix.fork_epoch))
+        answer = ray.get(sharing.board.claim.remote(prefix.key, prefix.fork_epoch, claimant))
         if answer["status"] == READY:
             found = store.snapshot(prefix.key, prefix.fork_epoch)
             if found is not None:
@@ -149,6 +150,16 @@ def _trunk_trainer(prefix: Prefix, store: PrefixStore, data: Any) -> Any:
     if path is not None:
         trainer.load_prefix(read_checkpoint(path), method_trains_before_start=prefix.trains_before_start)
     return trainer
+
+
+def _trial_id() -> str | None:
+    """The Tune trial this process runs (the board's name for a claimant), None outside a trial."""
+    from ray import tune
+
+    try:
+        return tune.get_context().get_trial_id()
+    except Exception:  # noqa: BLE001 - no Tune session here (a direct call): the claim is anonymous, stall rules apply
+        return None
 
 
 def _failure(error: BaseException) -> dict[str, Any]:
