@@ -59,12 +59,16 @@ def check_compatible(config: RunConfig) -> None:
                           hint="Lower augmenter.start_epoch or raise train.epochs.")
 
 
+def method_start_epoch(config: RunConfig) -> int:
+    """The epoch T the run's method switches on (0 without a method): where the schedulers' count starts."""
+    name = config.augmenter.name
+    return 0 if name == "none" else resolve_start_epoch(name, config.augmenter.start_epoch, config.train.epochs)
+
+
 def active_epochs(config: RunConfig, epochs_done: int) -> int:
     """Epochs of `epochs_done` that come after the method's start epoch T (<= 0 before it; all of them without a
     method). Schedulers count these, so ASHA's grace period starts at T whether or not the prefix was shared."""
-    name = config.augmenter.name
-    start = 0 if name == "none" else resolve_start_epoch(name, config.augmenter.start_epoch, config.train.epochs)
-    return epochs_done - start
+    return epochs_done - method_start_epoch(config)
 
 
 def _feature_spec(model: Backbone, k: int, data: LongTailData) -> FeatureSpec:

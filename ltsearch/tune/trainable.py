@@ -51,7 +51,7 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
     A trial forked from a shared prefix first reports the prefix's epochs (marked `prefix/shared`, not
     trained again), so its results, history and best epoch read exactly as if it had trained them.
     """
-    from ltsearch.engine import Trainer, active_epochs  # torch: imported once per worker process, which reuse_actors keeps
+    from ltsearch.engine import Trainer, method_start_epoch  # torch: imported once per worker process, which reuse_actors keeps
 
     run_config = trial_run_config(plan, config)
     checkpoint = tune.get_checkpoint()
@@ -62,7 +62,7 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
     else:
         trainer, prefix = start_trainer(run_config, plan.sharing, data)
         replay = list(trainer.history)
-    report = _Reporter(plan.objective, start_epoch=-active_epochs(run_config, 0), node=ray.get_runtime_context().get_node_id(),
+    report = _Reporter(plan.objective, start_epoch=method_start_epoch(run_config), node=ray.get_runtime_context().get_node_id(),
                        counts=trainer.class_counts.tolist(), prefix_key=prefix.key if prefix else None)
     for row in trainer.history[:len(trainer.history) - len(replay)]:  # a restored run already reported its earlier epochs
         report.track_best(row)
