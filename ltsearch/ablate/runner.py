@@ -28,7 +28,7 @@ from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import _absolute
 from ltsearch.tune.epochlog import EpochLog
 from ltsearch.tune.progress import ProgressTable
-from ltsearch.tune.session import check_machine, ray_session
+from ltsearch.tune.session import check_machine, ray_session, result_loggers
 from ltsearch.tune.settings import Objective
 from ltsearch.tune.trainable import trial_dirname
 
@@ -129,7 +129,7 @@ def _fit(ablation: Ablation, plan: CellPlan, launch: Launch, data: dict[str, Any
         param_space={RUN_KEY: tune.grid_search(launch.pending)},
         tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=f"attempt-{launch.attempt}", storage_path=launch.directory, verbose=0,
-                                  callbacks=[progress, EpochLog(str(Path(launch.directory) / f"attempt-{launch.attempt}")),
+                                  callbacks=[progress, *result_loggers(), EpochLog(str(Path(launch.directory) / f"attempt-{launch.attempt}")),
                                              *([live] if live is not None else [])],
                                   failure_config=tune.FailureConfig(max_failures=ablation.execution.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),

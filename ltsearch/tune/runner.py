@@ -24,7 +24,7 @@ from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, TUNE_DOMAINS, Schedul
 from ltsearch.tune.epochlog import EpochLog
 from ltsearch.tune.outputs import SweepOutcome, finish
 from ltsearch.tune.progress import ProgressTable
-from ltsearch.tune.session import _warn_if_storage_is_local, ray_session
+from ltsearch.tune.session import _warn_if_storage_is_local, ray_session, result_loggers
 from ltsearch.tune.settings import Sweep, parse_sweep
 from ltsearch.tune.trainable import _plan, train_trial, trial_dirname
 from ltsearch.tune.tracking import SweepTracking, pinned_tracking, record_sweep
@@ -63,7 +63,7 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
                 num_samples=num_samples, max_concurrent_trials=sweep.search.max_concurrent,
                 reuse_actors=True, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
-                name=name, storage_path=parent, callbacks=[progress, *ours, *(callbacks or [])], verbose=0,
+                name=name, storage_path=parent, callbacks=[progress, *result_loggers(), *ours, *(callbacks or [])], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=sweep.execution.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if population_based else sweep.execution.checkpoint.keep)),
         )

@@ -17,8 +17,22 @@ import ray
 #: A local raylet (it inherits this environment) prestarts no idle workers: it would start one per CPU when the
 #: driver registers and hold `ray.init` until they are up (~0.5 s on 2 cores), yet Tune gives its trial actors a
 #: runtime env (env_vars), so no trial ever runs on one; an actor without one (the prefix board) starts its own.
+#: Tune's automatic loggers are off: `result_loggers` adds back the two whose files we read (see there).
 RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-           "RAY_prestart_worker_first_driver": "0"}
+           "RAY_prestart_worker_first_driver": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+def result_loggers() -> list[Any]:
+    """Ray's per-trial result.json and progress.csv writers, which `tune.outputs` reads a trial's reports back from.
+
+    Tune's third automatic logger, TensorBoard's, is left out: it wrote every report as scalars plus a histogram
+    per list (per-class accuracies) on the driver's event loop while the trial waited, ~11 of the ~18 ms a report
+    cost on 2 cores (benchmarks/RESULTS.md, platform.py), for files nothing here reads; MLflow shows the same
+    curves. Running with TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 brings it back.
+    """
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
 
 
 #: Ray's switch between "this machine only" (its processes take the loopback address as the node IP and
