@@ -78,6 +78,38 @@ def test_runs_are_found_by_tags_and_no_step_is_written_twice(mlflow_store: str) 
     assert len(client.get_metric_history(child.info.run_id, "best/val/top1")) == 1
 
 
+def test_epoch_rows_of_runs_trained_at_once_share_requests_and_every_step_arrives(mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows queued within batch_s go in one log_batch per run (two runs interleaved); a status is never written before
+    the rows queued ahead of it; flush() does not wait out the batching delay."""
+    requests: list[list[int]] = []
+    real = MlflowClient.log_batch
+
+    def counted(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            requests.append(sorted({m.step for m in metrics}))
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    tracker = Tracker(TrackingConfig(), "exp", batch_s=30.0)
+    for key in ("a", "b"):
+        tracker.open_run(key, name=key, find={"ltsearch.trial_id": key})
+    assert tracker.flush(30)
+    started = time.monotonic()
+    for epoch in range(6):
+        for key in ("a", "b"):
+            tracker.log_metrics(key, epoch, {"train/loss": float(epoch), "val/top1": 10.0 + epoch})
+    tracker.close_run("a", "FINISHED")
+    tracker.log_metrics("b", 6, {"train/loss": 6.0})
+    assert tracker.flush(30) and time.monotonic() - started < 10, "flush writes at once, it does not wait out batch_s"
+    assert tracker.close() == []
+    assert requests == [list(range(6)), list(range(6)), [6]], "one request per run for the rows before the status, then the rest"
+    client = MlflowClient(mlflow_store)
+    for run in _runs(mlflow_store):
+        expected = 7 if run.info.run_name == "b" else 6
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(expected))
+    assert {r.info.run_name: r.info.status for r in _runs(mlflow_store)}["a"] == "FINISHED"
+
+
 def test_an_unreachable_store_never_blocks_and_lists_what_was_not_written(capsys: pytest.CaptureFixture) -> None:
     tracker = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{_closed_port()}"), "exp", retry_s=0.5)
     start = time.monotonic()

@@ -1,7 +1,11 @@
 """The MLflow writer: every write goes through one queue, written by one background thread.
 
 Why a queue and a thread: the driver's Ray Tune event loop (and `ltsearch train`'s epoch loop) must never
-wait on a tracking server. A write that fails because the store cannot be reached stays at the head of
+wait on a tracking server. Epoch metrics are written in batches: an epoch's row waits up to `batch_s` in the
+queue, and the rows a run queued meanwhile go with it in one request. A trial blocks in `tune.report` until
+the driver has handled its result, so a write per epoch, made at that very moment on a 2-core machine, cost
+every report ~4 ms and every trial end ~25 ms more (benchmarks/RESULTS.md, platform.py); one request per
+second per run is also what a remote tracking server prefers. A write that fails because the store cannot be reached stays at the head of
 the queue and is retried every `retry_s` seconds; the user is told once when the store goes away and once
 when it is back. A write the store refuses for good (a bad value) is dropped and listed at the end.
 `close()` waits a bounded time and returns what could not be written, so nothing is lost silently.
@@ -32,6 +36,8 @@ STEP_MARKER = "train/loss"
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
+#: how long an epoch's metrics may wait for the next epochs' to share its request (`flush` and `close` do not wait)
+BATCH_S = 1.0
 #: MLflow error codes that mean "this write will never succeed"; anything else is treated as the store being away
 PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
                              "INVALID_STATE", "PERMISSION_DENIED"})
@@ -46,21 +52,25 @@ _TOLD_AWAY: set[str] = set()
 _PREWARM: dict[str, threading.Thread] = {}
 
 
-@dataclass
+@dataclass(eq=False)  # a write is itself: written writes are removed from the queue by identity
 class _Write:
     description: str
     apply: Callable[[], None]
+    epoch: tuple[str, int, dict[str, float]] | None = None  # (key, step, values): one epoch's metrics, merged with the next
+    queued: float = 0.0
 
 
 class Tracker:
     """Driver-side run log for one command (a sweep, a train run, an ablation)."""
 
-    def __init__(self, settings: TrackingConfig, experiment: str, *, stream: Any = None, retry_s: float = 5.0):
+    def __init__(self, settings: TrackingConfig, experiment: str, *, stream: Any = None, retry_s: float = 5.0,
+                 batch_s: float = BATCH_S):
         self.uri = settings.resolved_uri()
         self.artifact_root = settings.artifact_root()
         self.experiment_name = settings.experiment or experiment
         self.stream = stream
         self.retry_s = retry_s
+        self.batch_s = batch_s
         self.run_ids: dict[str, str] = {}
         self.logged_steps: dict[str, set[int]] = {}
         self.latest: dict[str, dict[str, float]] = {}  # latest summary values found in the store, per key
@@ -69,6 +79,7 @@ class Tracker:
         self._queue: deque[_Write] = deque()
         self._lock = threading.Condition()
         self._closing = False
+        self._flushing = 0  # callers waiting in flush(): epoch rows are written at once
         self._away_since: float | None = None
         self._client: Any = None
         self._experiment_id: str | None = None
@@ -91,7 +102,7 @@ class Tracker:
         """One epoch's scalars in one request (log_batch); a step already in the store is skipped."""
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
-            self._put(f"metrics of {key} at step {step}", lambda: self._metrics(key, step, values))
+            self._put(f"metrics of {key} at step {step}", lambda: self._epochs(key, [(step, values)]), epoch=(key, step, values))
 
     def log_summary(self, key: str, step: int, metrics: dict[str, float]) -> None:
         """Summary metrics (`best/*`): written unless the store already holds the same latest value."""
@@ -125,9 +136,14 @@ class Tracker:
         """Wait until every queued write is done; False when the timeout came first."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            while self._queue and time.monotonic() < deadline:
-                self._lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
-            return not self._queue
+            self._flushing += 1
+            self._lock.notify_all()
+            try:
+                while self._queue and time.monotonic() < deadline:
+                    self._lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                return not self._queue
+            finally:
+                self._flushing -= 1
 
     def close(self, timeout_s: float = 30.0) -> list[str]:
         """Write what is queued; return what was not written.
@@ -143,9 +159,9 @@ class Tracker:
         self._thread.join(timeout=max(1.0, self.retry_s + 1.0))
         return self.dropped + pending
 
-    def _put(self, description: str, apply: Callable[[], None]) -> None:
+    def _put(self, description: str, apply: Callable[[], None], epoch: tuple[str, int, dict[str, float]] | None = None) -> None:
         with self._lock:
-            self._queue.append(_Write(description, apply))
+            self._queue.append(_Write(description, apply, epoch, time.monotonic()))
             self._lock.notify_all()
 
     def _drain(self) -> None:
@@ -155,14 +171,38 @@ class Tracker:
                     self._lock.wait()
                 if self._closing and (not self._queue or self._away_since is not None):
                     return
-                write = self._queue[0]
+                wait = self._queue[0].queued + self.batch_s - time.monotonic()
+                if self._queue[0].epoch is not None and wait > 0 and not (self._closing or self._flushing):
+                    self._lock.wait(wait)  # let the run's next epochs join this request
+                    continue
+                covered, write = self._next_write()
             outcome = self._attempt(write)
             with self._lock:
                 if outcome != "retry":
-                    self._queue.popleft()
+                    for done in covered:
+                        self._queue.remove(done)
                 self._lock.notify_all()
                 if outcome == "retry" and not self._closing:
                     self._lock.wait(self.retry_s)
+
+    def _next_write(self) -> tuple[list[_Write], _Write]:
+        """(the queued writes it covers, the write): the head alone, or with the head's run's other epoch rows queued
+        before the next write of another kind (rows of runs trained at once interleave; they are never reordered
+        past an open, a summary or a status)."""
+        head = self._queue[0]
+        if head.epoch is None:
+            return [head], head
+        key, covered = head.epoch[0], []
+        for write in self._queue:
+            if write.epoch is None or len(covered) * len(head.epoch[2]) >= METRICS_PER_BATCH:
+                break
+            if write.epoch[0] == key:
+                covered.append(write)
+        if len(covered) == 1:
+            return covered, head
+        rows = [write.epoch[1:] for write in covered]
+        steps = ", ".join(str(step) for step, _ in rows)
+        return covered, _Write(f"metrics of {key} at steps {steps}", lambda: self._epochs(key, rows))
 
     def _attempt(self, write: _Write) -> str:
         try:
@@ -245,25 +285,27 @@ class Tracker:
             self._created.add(key)
         self.run_ids[key] = run_id
 
-    def _metrics(self, key: str, step: int, values: dict[str, float]) -> None:
-        if step in self.logged_steps.setdefault(key, set()):
-            return
-        self._batch(key, metrics=values, step=step)
-        self.logged_steps[key].add(step)
+    def _epochs(self, key: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Epoch rows (step, metrics) in as few requests as MLflow allows; a step already in the store is skipped."""
+        logged = self.logged_steps.setdefault(key, set())
+        fresh = [(step, values) for step, values in rows if step not in logged]
+        if fresh:
+            self._batch(key, rows=fresh)
+            logged.update(step for step, _ in fresh)
 
     def _summary(self, key: str, step: int, values: dict[str, float]) -> None:
         latest = self.latest.setdefault(key, {})
         changed = {k: v for k, v in values.items() if latest.get(k) != v}
         if changed:
-            self._batch(key, metrics=changed, step=step)
+            self._batch(key, rows=[(step, changed)])
             latest.update(changed)
 
-    def _batch(self, key: str, *, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, Any] | None = None,
+    def _batch(self, key: str, *, rows: list[tuple[int, dict[str, float]]] | None = None, params: dict[str, Any] | None = None,
                tags: dict[str, Any] | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         run_id, client, now = self._run(key), self._client_call(), int(time.time() * 1000)
-        metric_list = [Metric(k, v, now, step) for k, v in (metrics or {}).items()]
+        metric_list = [Metric(k, v, now, step) for step, metrics in (rows or []) for k, v in metrics.items()]
         param_list = [Param(k, _text(v)) for k, v in (params or {}).items()]
         tag_list = [RunTag(k, _text(v)) for k, v in (tags or {}).items()]
         for i in range(0, len(metric_list), METRICS_PER_BATCH):
