@@ -2,10 +2,10 @@
 
 Why a queue and a thread: the driver's Ray Tune event loop (and `ltsearch train`'s epoch loop) must never
 wait on a tracking server. Epoch metrics are written in batches: an epoch's row waits up to `batch_s` in the
-queue, and the rows a run queued meanwhile go with it in one request. A trial blocks in `tune.report` until
-the driver has handled its result, so a write per epoch, made at that very moment on a 2-core machine, cost
-every report ~4 ms and every trial end ~25 ms more (benchmarks/RESULTS.md, platform.py); one request per
-second per run is also what a remote tracking server prefers. A write that fails because the store cannot be reached stays at the head of
+queue, and the rows its run queued meanwhile go with it in one request. A trial blocks in `tune.report` until the
+driver has handled its result, and a write per epoch, made at that very moment, cost every report ~3 ms on a
+2-core machine (benchmarks/RESULTS.md, platform.py); fewer, larger requests also suit a remote tracking server.
+A write that fails because the store cannot be reached stays at the head of
 the queue and is retried every `retry_s` seconds; the user is told once when the store goes away and once
 when it is back. A write the store refuses for good (a bad value) is dropped and listed at the end.
 `close()` waits a bounded time and returns what could not be written, so nothing is lost silently.
@@ -99,7 +99,8 @@ class Tracker:
             self._put(f"params of run '{name}'", lambda: self._batch(key, params=params) if key in self._created else None)
 
     def log_metrics(self, key: str, step: int, metrics: dict[str, float]) -> None:
-        """One epoch's scalars in one request (log_batch); a step already in the store is skipped."""
+        """One epoch's scalars, sent with the run's other rows queued within `batch_s` (one log_batch); a step already
+        in the store is skipped."""
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
             self._put(f"metrics of {key} at step {step}", lambda: self._epochs(key, [(step, values)]), epoch=(key, step, values))
