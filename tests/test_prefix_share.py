@@ -167,6 +167,31 @@ def test_board_gives_a_restarted_owner_its_trunk_back_at_once(ray_runtime):
     assert first["status"] == TRAIN and not ready  # no names: a second caller waits, as before
 
 
+@ray.remote(num_cpus=0)
+class _TrialProcess:
+    """Stands for a Tune trial's actor: `step` is the trial's running step (the trunk trains inside it)."""
+
+    def step(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_board_hands_the_trunk_on_the_moment_its_trainers_process_dies(ray_runtime):
+    """No retry and no 10-minute stall: the owner's actor dies (killed, OOM, node lost) and the waiter takes over."""
+    board = PrefixBoard.remote()  # stall 10 min: only the watch on the actor can explain a quick handover
+    trainer = _TrialProcess.remote()
+    trainer.step.remote(600)
+    owner = ray.get(board.claim.remote("k", 3, "trial_a", trainer))
+    waiter = board.claim.remote("k", 3, "trial_b")
+    ready, _ = ray.wait([waiter], timeout=2.0)
+    assert owner["status"] == TRAIN and not ready  # a live owner inside its step keeps the trunk
+    killed = time.monotonic()
+    ray.kill(trainer)
+    successor = ray.get(waiter, timeout=60)
+    assert successor["status"] == TRAIN and successor["token"] != owner["token"]
+    assert time.monotonic() - killed < 10
+    assert ray.get(board.progress.remote("k", owner["token"], 1, 0.1))["target"] == -1  # the old token is void
+
+
 # ================================================================================== sweeps
 @pytest.mark.slow
 def test_sweep_trains_the_prefix_once_and_matches_the_unshared_sweep_bit_for_bit(ray_runtime, tmp_path):

@@ -5,11 +5,12 @@ told to train the trunk (it does so in its own process, on its own CPUs/GPU, so 
 holds resources the trunk needs); every later caller for the same key waits inside the actor (an
 asyncio condition, no polling from the run) until the snapshot is published, and a caller whose T the
 running trunk has not passed yet adds T to the epochs the trunk stops to snapshot. When the trunk
-fails, every waiter gets its error. When the trunk's trainer dies without a word, the run that owned it
-takes it over at once when Tune retries that run (the same claimant asking again means the process
-that trained it is gone: Tune runs a trial in one process at a time); otherwise (its node lost, no retry)
-its heartbeats stop, and after `stall_s` without one the next waiter takes over. Either way the trunk
-resumes from its own latest snapshot or checkpoint, so nothing saved is trained again.
+fails, every waiter gets its error. When the trunk's trainer dies without a word (killed, out of memory, its
+node lost), the board hears it from Ray at once: it watches the trainer's actor (a call queued behind the
+trial's running step, which Ray fails when the actor dies), and the next waiter, or the run itself when Tune
+retries it, takes the trunk over. A trainer that stops beating without dying (hung) loses the trunk after
+`stall_s`. Either way the trunk resumes from its own latest snapshot or checkpoint, so nothing saved is
+trained again.
 
 The board only coordinates; the snapshots are files (`PrefixStore`), so a resumed sweep with a new
 board finds what the old one published.
@@ -24,8 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 READY, TRAIN, FAILED = "ready", "train", "failed"
+#: seconds between two looks at a live trunk trainer whose actor answered (it answers only between the trial's steps)
+WATCH_S = 1.0
 
 
 @dataclass
@@ -57,11 +61,12 @@ class PrefixBoard:
     def _entry(self, key: str) -> _Entry:
         return self.entries.setdefault(key, _Entry())
 
-    async def claim(self, key: str, epoch: int, claimant: str | None = None) -> dict[str, Any]:
+    async def claim(self, key: str, epoch: int, claimant: str | None = None, trainer: Any = None) -> dict[str, Any]:
         """READY (the snapshot at `epoch` is published), TRAIN (with a token: the caller trains the trunk) or FAILED.
 
         `claimant` names the run asking (its Tune trial id); a run that asks again while the board still
         counts it as the trunk's owner has been restarted, so it takes the trunk back without waiting for a stall.
+        `trainer` is the caller's actor: granted the trunk, its death hands the trunk on (`_watch`).
         """
         entry = self._entry(key)
         async with entry.changed:
@@ -73,6 +78,8 @@ class PrefixBoard:
                 if entry.owner is None or self._stalled(entry) or (claimant is not None and claimant == entry.claimant):
                     entry.owner, entry.claimant, entry.target, entry.wanted = uuid.uuid4().hex, claimant, epoch, {epoch}
                     entry.beat, entry.position = time.monotonic(), 0
+                    if trainer is not None:
+                        asyncio.get_running_loop().create_task(self._watch(key, entry.owner, trainer))
                     return {"status": TRAIN, "token": entry.owner}
                 if entry.position <= epoch:  # the trunk has not passed `epoch`: it stops there for this run too
                     entry.wanted.add(epoch)
@@ -118,6 +125,22 @@ class PrefixBoard:
     async def summary(self) -> dict[str, dict[str, int]]:
         """Per key: epochs trained by trunks in this session, forks served, snapshots published."""
         return {key: {"epochs_trained": e.epochs_trained, "forks": e.forks, "snapshots": len(e.ready)} for key, e in self.entries.items()}
+
+    async def _watch(self, key: str, token: str, trainer: Any) -> None:
+        """While `token` owns the trunk: wait on a no-op call to the trainer's actor. Ray runs it after the trial's
+        running step (the whole trunk, for a Tune trial) or fails it the moment the actor dies; a death releases
+        the trunk, without an error, to whoever asks or waits for it next."""
+        entry = self._entry(key)
+        while entry.owner == token:
+            try:
+                await trainer.__ray_ready__.remote()
+            except RayActorError:
+                async with entry.changed:
+                    if entry.owner == token:
+                        entry.owner, entry.claimant, entry.wanted = None, None, set()
+                        entry.changed.notify_all()
+                return
+            await asyncio.sleep(WATCH_S)
 
     def _patience(self, entry: _Entry) -> float:
         return max(self.stall_s, 10 * entry.slowest_epoch_s)

@@ -97,9 +97,9 @@ def start_trainer(config: RunConfig, sharing: PrefixSharing | None, data: Any = 
 
 
 def _through_board(prefix: Prefix, sharing: PrefixSharing, store: PrefixStore, data: Any) -> Any:
-    claimant = _trial_id()
+    claimant, trainer = _trial_id(), _current_actor()
     while True:
-        answer = ray.get(sharing.board.claim.remote(prefix.key, prefix.fork_epoch, claimant))
+        answer = ray.get(sharing.board.claim.remote(prefix.key, prefix.fork_epoch, claimant, trainer))
         if answer["status"] == READY:
             found = store.snapshot(prefix.key, prefix.fork_epoch)
             if found is not None:
@@ -159,6 +159,14 @@ def _trial_id() -> str | None:
     try:
         return tune.get_context().get_trial_id()
     except Exception:  # noqa: BLE001 - no Tune session here (a direct call): the claim is anonymous, stall rules apply
+        return None
+
+
+def _current_actor() -> Any:
+    """This process's actor (a Tune trial's), whose death the board watches while it trains a trunk; None outside one."""
+    try:
+        return ray.get_runtime_context().current_actor
+    except Exception:  # noqa: BLE001 - not inside an actor (a direct call): the stall rule alone applies
         return None
 
 
