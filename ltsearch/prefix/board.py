@@ -140,6 +140,8 @@ class PrefixBoard:
                         entry.owner, entry.claimant, entry.wanted = None, None, set()
                         entry.changed.notify_all()
                 return
+            except Exception:  # noqa: BLE001 - the actor cannot be watched (not a failure of it): the stall rule applies
+                return
             await asyncio.sleep(WATCH_S)
 
     def _patience(self, entry: _Entry) -> float:
