@@ -119,8 +119,7 @@ class PrefixBoard:
                 return
             if error is not None:
                 entry.failed.update({epoch: error for epoch in entry.wanted if epoch not in entry.ready})
-            entry.owner, entry.claimant, entry.wanted = None, None, set()
-            entry.changed.notify_all()
+            _free(entry)
 
     async def summary(self) -> dict[str, dict[str, int]]:
         """Per key: epochs trained by trunks in this session, forks served, snapshots published."""
@@ -137,8 +136,7 @@ class PrefixBoard:
             except RayActorError:
                 async with entry.changed:
                     if entry.owner == token:
-                        entry.owner, entry.claimant, entry.wanted = None, None, set()
-                        entry.changed.notify_all()
+                        _free(entry)
                 return
             except Exception:  # noqa: BLE001 - the actor cannot be watched (not a failure of it): the stall rule applies
                 return
@@ -149,6 +147,12 @@ class PrefixBoard:
 
     def _stalled(self, entry: _Entry) -> bool:
         return entry.owner is not None and time.monotonic() - entry.beat > self._patience(entry)
+
+
+def _free(entry: _Entry) -> None:
+    """The trunk has no owner any more (done, failed or its trainer dead): wake every waiter (call holding `changed`)."""
+    entry.owner, entry.claimant, entry.wanted = None, None, set()
+    entry.changed.notify_all()
 
 
 def create_board(name: str | None = None, stall_s: float = 600.0) -> Any:
