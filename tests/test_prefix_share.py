@@ -171,6 +171,9 @@ def test_board_gives_a_restarted_owner_its_trunk_back_at_once(ray_runtime):
 class _TrialProcess:
     """Stands for a Tune trial's actor: `step` is the trial's running step (the trunk trains inside it)."""
 
+    def actor_id(self) -> str:
+        return ray.get_runtime_context().get_actor_id()
+
     def step(self, seconds: float) -> None:
         time.sleep(seconds)
 
@@ -179,8 +182,9 @@ def test_board_hands_the_trunk_on_the_moment_its_trainers_process_dies(ray_runti
     """No retry and no 10-minute stall: the owner's actor dies (killed, OOM, node lost) and the waiter takes over."""
     board = PrefixBoard.remote()  # stall 10 min: only the watch on the actor can explain a quick handover
     trainer = _TrialProcess.remote()
+    trainer_id = ray.get(trainer.actor_id.remote())
     trainer.step.remote(600)
-    owner = ray.get(board.claim.remote("k", 3, "trial_a", trainer))
+    owner = ray.get(board.claim.remote("k", 3, "trial_a", trainer_id))
     waiter = board.claim.remote("k", 3, "trial_b")
     ready, _ = ray.wait([waiter], timeout=2.0)
     assert owner["status"] == TRAIN and not ready  # a live owner inside its step keeps the trunk
@@ -190,6 +194,16 @@ def test_board_hands_the_trunk_on_the_moment_its_trainers_process_dies(ray_runti
     assert successor["status"] == TRAIN and successor["token"] != owner["token"]
     assert time.monotonic() - killed < 10
     assert ray.get(board.progress.remote("k", owner["token"], 1, 0.1))["target"] == -1  # the old token is void
+
+
+def test_board_leaves_a_trunk_whose_trainer_it_cannot_look_up_to_the_stall_rule(ray_runtime):
+    """An actor id the GCS does not know (not a death of it) hands nothing over before the stall."""
+    board = PrefixBoard.remote(stall_s=3.0)
+    owner = ray.get(board.claim.remote("k", 3, "trial_a", "ab" * 16))
+    waiter = board.claim.remote("k", 3, "trial_b")
+    ready, _ = ray.wait([waiter], timeout=1.5)
+    assert owner["status"] == TRAIN and not ready
+    assert ray.get(waiter, timeout=30)["status"] == TRAIN  # the stall rule, after 3 s without a heartbeat
 
 
 # ================================================================================== sweeps

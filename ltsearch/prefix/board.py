@@ -6,11 +6,10 @@ holds resources the trunk needs); every later caller for the same key waits insi
 asyncio condition, no polling from the run) until the snapshot is published, and a caller whose T the
 running trunk has not passed yet adds T to the epochs the trunk stops to snapshot. When the trunk
 fails, every waiter gets its error. When the trunk's trainer dies without a word (killed, out of memory, its
-node lost), the board hears it from Ray at once: it watches the trainer's actor (a call queued behind the
-trial's running step, which Ray fails when the actor dies), and the next waiter, or the run itself when Tune
-retries it, takes the trunk over. A trainer that stops beating without dying (hung) loses the trunk after
-`stall_s`. Either way the trunk resumes from its own latest snapshot or checkpoint, so nothing saved is
-trained again.
+node lost), the board hears it from Ray within a second: it watches the state Ray's GCS keeps of the trainer's
+actor, and the next waiter, or the run itself when Tune retries it, takes the trunk over. A trainer that stops
+beating without dying (hung) loses the trunk after `stall_s`. Either way the trunk resumes from its own latest
+snapshot or checkpoint, so nothing saved is trained again.
 
 The board only coordinates; the snapshots are files (`PrefixStore`), so a resumed sweep with a new
 board finds what the old one published.
@@ -25,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
 
 READY, TRAIN, FAILED = "ready", "train", "failed"
-#: seconds between two looks at a live trunk trainer whose actor answered (it answers only between the trial's steps)
+#: seconds between two looks at the state of a trunk trainer's actor
 WATCH_S = 1.0
 
 
@@ -61,12 +59,12 @@ class PrefixBoard:
     def _entry(self, key: str) -> _Entry:
         return self.entries.setdefault(key, _Entry())
 
-    async def claim(self, key: str, epoch: int, claimant: str | None = None, trainer: Any = None) -> dict[str, Any]:
+    async def claim(self, key: str, epoch: int, claimant: str | None = None, trainer: str | None = None) -> dict[str, Any]:
         """READY (the snapshot at `epoch` is published), TRAIN (with a token: the caller trains the trunk) or FAILED.
 
         `claimant` names the run asking (its Tune trial id); a run that asks again while the board still
         counts it as the trunk's owner has been restarted, so it takes the trunk back without waiting for a stall.
-        `trainer` is the caller's actor: granted the trunk, its death hands the trunk on (`_watch`).
+        `trainer` is the caller's actor id (hex): granted the trunk, that actor's death hands the trunk on (`_watch`).
         """
         entry = self._entry(key)
         async with entry.changed:
@@ -125,20 +123,24 @@ class PrefixBoard:
         """Per key: epochs trained by trunks in this session, forks served, snapshots published."""
         return {key: {"epochs_trained": e.epochs_trained, "forks": e.forks, "snapshots": len(e.ready)} for key, e in self.entries.items()}
 
-    async def _watch(self, key: str, token: str, trainer: Any) -> None:
-        """While `token` owns the trunk: wait on a no-op call to the trainer's actor. Ray runs it after the trial's
-        running step (the whole trunk, for a Tune trial) or fails it the moment the actor dies; a death releases
-        the trunk, without an error, to whoever asks or waits for it next."""
+    async def _watch(self, key: str, token: str, trainer: str) -> None:
+        """While `token` owns the trunk: look up the trainer's actor in Ray's GCS every WATCH_S; once Ray reports it
+        DEAD (killed, out of memory, its node lost), release the trunk, without an error, to whoever asks or waits next.
+
+        An id, not the actor's handle: a handle makes Ray load the actor's class into the board, and a Tune trial's
+        class pulls in the trainable and torch with it, ~1.8 s of CPU while the first run waited for its answer
+        (benchmarks/RESULTS.md, prefix.py). An actor that cannot be looked up is left to the stall rule.
+        """
         entry = self._entry(key)
         while entry.owner == token:
             try:
-                await trainer.__ray_ready__.remote()
-            except RayActorError:
+                state = await asyncio.to_thread(_actor_state, trainer)
+            except Exception:  # noqa: BLE001 - the actor cannot be watched (not a failure of it): the stall rule applies
+                return
+            if state == "DEAD":
                 async with entry.changed:
                     if entry.owner == token:
                         _free(entry)
-                return
-            except Exception:  # noqa: BLE001 - the actor cannot be watched (not a failure of it): the stall rule applies
                 return
             await asyncio.sleep(WATCH_S)
 
@@ -147,6 +149,13 @@ class PrefixBoard:
 
     def _stalled(self, entry: _Entry) -> bool:
         return entry.owner is not None and time.monotonic() - entry.beat > self._patience(entry)
+
+
+def _actor_state(actor_id: str) -> str:
+    """ALIVE, RESTARTING, DEAD ... as the GCS's actor table has it (Ray's public state API needs the dashboard)."""
+    from ray._private.state import actors
+
+    return actors(actor_id=actor_id)["State"]
 
 
 def _free(entry: _Entry) -> None:

@@ -162,11 +162,11 @@ def _trial_id() -> str | None:
         return None
 
 
-def _current_actor() -> Any:
-    """This process's actor (a Tune trial's), whose death the board watches while it trains a trunk; None outside one."""
+def _current_actor() -> str | None:
+    """This process's actor id (a Tune trial's), whose death the board watches while it trains a trunk; None outside one."""
     try:
-        return ray.get_runtime_context().current_actor
-    except Exception:  # noqa: BLE001 - not inside an actor (a direct call): the stall rule alone applies
+        return ray.get_runtime_context().get_actor_id()
+    except Exception:  # noqa: BLE001 - not connected to Ray (a direct call): the stall rule alone applies
         return None
 
 
