@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import math
 import random
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,6 +40,38 @@ def learning_rate(schedule: ScheduleConfig, base_lr: float, epoch: int, epochs: 
         progress = (epoch - schedule.warmup_epochs) / span
         return base_lr * (schedule.min_factor + (1 - schedule.min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
     return base_lr
+
+
+#: the Optimizer methods torch wraps in `torch._disable_dynamo` (whose first call imports torch._dynamo)
+DYNAMO_GUARDED_OPTIMIZER_METHODS = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+
+
+class EagerSGD(torch.optim.SGD):
+    """torch's SGD, bit for bit, without importing torch._dynamo: ~1.1 s on 2 cores in every process that trains
+    (each Ray trial worker, each `ltsearch train`), on the critical path of a sweep's first trial.
+
+    torch imports torch._dynamo in two places an eager run never needs: `step` (to mark a graph break for
+    torch.compile) and the first call of the methods in `DYNAMO_GUARDED_OPTIMIZER_METHODS` (to build a "never
+    compile this" wrapper, cached on the plain function as `__dynamo_disable`). Nothing in ltsearch runs under
+    torch.compile, so here `step` runs torch's own SGD update under no_grad, and the plain methods are cached as
+    their own wrappers. A torch that changes either falls back to its usual path (tests/test_startup.py notices);
+    once torch._dynamo is imported anyway (a user's own code), its wrappers are left to build themselves.
+    """
+
+    def __init__(self, params: Any, **settings: Any):
+        if "torch._dynamo" not in sys.modules:
+            for name in DYNAMO_GUARDED_OPTIMIZER_METHODS:
+                plain = getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
+                if plain is not None and not hasattr(plain, "__dynamo_disable"):
+                    setattr(plain, "__dynamo_disable", plain)
+        super().__init__(params, **settings)
+
+    def step(self, closure: Any = None) -> Any:
+        update = getattr(torch.optim.SGD.step, "__wrapped__", None)
+        if update is None:
+            return super().step(closure)
+        with torch.no_grad():
+            return update(self, closure)
 
 
 def seed_everything(seed: int) -> None:

@@ -25,7 +25,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ltsearch._runtime import capture_rng_state, restore_rng_state, learning_rate, resolve_device, seed_everything
+from ltsearch._runtime import (EagerSGD, capture_rng_state, restore_rng_state, learning_rate, resolve_device,
+                               seed_everything)
 from ltsearch.augmenters.base import (Augmenter, AugmenterContext, FeatureSpec, TrainState, create_augmenter,
                                       head_class_mask, resolve_head_ratio, resolve_insert_at, resolve_start_epoch)
 from ltsearch.checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREVIOUS_CHECKPOINT_FILE, _plain, load_weights,
@@ -161,8 +162,8 @@ class Trainer:
         self.augmenter = self._build_augmenter().to(self.device)
         self.loss_fn = create_loss(config.loss, self.class_counts).to(self.device)
         self._clip_parts = [params for params in (list(self.model.parameters()), list(self.augmenter.parameters())) if params]
-        self.optimizer = torch.optim.SGD(list(self.model.parameters()) + list(self.augmenter.parameters()), lr=config.optim.lr, momentum=config.optim.momentum,
-                                         weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov)
+        self.optimizer = EagerSGD(list(self.model.parameters()) + list(self.augmenter.parameters()), lr=config.optim.lr, momentum=config.optim.momentum,
+                                  weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov)
         self.loader = create_train_loader(self.data, config.data, batch_size=config.optim.batch_size, device=self.device,
                                           seed=config.train.seed, head_mask=self.augmenter.head_mask.cpu())
         self.epoch = 0  # next epoch to run

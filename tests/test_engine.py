@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ltsearch.config import load_run_config
-from ltsearch._runtime import learning_rate
+from ltsearch._runtime import EagerSGD, learning_rate
 from ltsearch.engine import Trainer, check_compatible, fit, summarize, train_reference_model
 from ltsearch.errors import ConfigError
 
@@ -35,6 +35,26 @@ def test_cosine_schedule_endpoints() -> None:
     assert learning_rate(schedule, 1.0, 0, 12) == pytest.approx(0.5)
     assert learning_rate(schedule, 1.0, 2, 12) == pytest.approx(1.0)
     assert learning_rate(schedule, 1.0, 7, 12) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_eager_sgd_takes_torchs_sgd_steps_bit_for_bit(nesterov: bool) -> None:
+    """Same weights, momentum buffers and state_dict after 12 steps with weight decay; the state loads into either."""
+    def train(optimizer_class: type) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        optimizer = optimizer_class(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+        for _ in range(12):
+            optimizer.zero_grad()
+            model(torch.randn(8, 12)).pow(2).mean().backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()], optimizer.state_dict()
+
+    (eager, eager_state), (reference, reference_state) = train(EagerSGD), train(torch.optim.SGD)
+    assert all(torch.equal(a, b) for a, b in zip(eager, reference))
+    assert eager_state["param_groups"] == reference_state["param_groups"]
+    assert all(torch.equal(eager_state["state"][k]["momentum_buffer"], reference_state["state"][k]["momentum_buffer"])
+               for k in reference_state["state"])
 
 
 def test_fit_yields_one_result_per_epoch_with_all_metrics() -> None:

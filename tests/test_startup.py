@@ -23,8 +23,9 @@ HEAVY = ("torchvision", "sklearn", "scipy")
 
 
 def imported_after(code: str, watched: tuple[str, ...] = HEAVY) -> list[str]:
-    """The top-level packages of `watched` that running `code` in a fresh interpreter imported."""
-    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(watched)!r})))"
+    """The modules (packages, or submodules such as torch._dynamo) of `watched` that running `code` in a fresh
+    interpreter imported."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(name for name in {watched!r} if name in sys.modules)))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -55,6 +56,22 @@ def test_torchvision_is_imported_when_a_torchvision_network_is_built():
             "net = create_backbone('resnet50', num_classes=3, in_chans=1, mean=(0.5,), std=(0.5,))\n"
             "assert len(net.stages) == 5 and net.classifier.out_features == 3")
     assert imported_after(code) == ["torchvision"]
+
+
+def test_training_a_run_does_not_import_torch_dynamo():
+    """torch.optim imports torch._dynamo (~1.1 s) at an optimizer's first step or add_param_group/zero_grad/
+    state_dict; the engine's EagerSGD does not. The state_dict round trip covers the last two."""
+    code = ("import torch\n"
+            "from ltsearch.config import build_run_config\n"
+            "from ltsearch.engine import Trainer\n"
+            "config = build_run_config({'train': {'epochs': 1, 'device': 'cpu'}, 'data': {'max_train_per_class': 8, 'max_eval_per_class': 4}})\n"
+            "trainer = Trainer(config)\n"
+            "results = list(trainer.run())\n"
+            "assert len(results) == 1\n"
+            "trainer.optimizer.load_state_dict(trainer.optimizer.state_dict())")
+    assert imported_after(code, ("torch._dynamo",)) == []
+    assert imported_after("import torch\nopt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)",
+                          ("torch._dynamo",)) == ["torch._dynamo"]  # what torch does on its own
 
 
 def test_building_the_cli_parser_imports_neither_torch_nor_ray():
@@ -118,3 +135,4 @@ def test_a_local_runtime_stops_its_monitor_while_the_gcs_still_runs(monkeypatch)
         assert ray.is_initialized()
     assert not ray.is_initialized()
     assert "monitor" in order and "gcs_server" in order and order.index("monitor") < order.index("gcs_server"), order
+
