@@ -9,6 +9,7 @@ Each check runs in a fresh interpreter, so what the test process already importe
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -136,3 +137,49 @@ def test_a_local_runtime_stops_its_monitor_while_the_gcs_still_runs(monkeypatch)
     assert not ray.is_initialized()
     assert "monitor" in order and "gcs_server" in order and order.index("monitor") < order.index("gcs_server"), order
 
+
+# --------------------------------------------------------------------------- the local runtime's start
+START = """
+import os, sys
+from ray._private import services, state
+from ray.air._internal import usage
+from ltsearch.tune.session import ray_session
+original, polled, looked_up, tag = services.get_node, [], [], usage.tag_callbacks
+node_table = state.GlobalState.node_table
+state.GlobalState.node_table = lambda self: polled.append(1) or node_table(self)
+def spy(address, node_id):
+    looked_up.append(node_id)
+    return original(address, node_id)
+services.get_node = spy
+with ray_session(None):
+    import ray
+    assert ray.is_initialized() and services.get_node is spy  # put back once the runtime is up
+    assert looked_up == [ray.get_runtime_context().get_node_id()] and polled
+    counted = usage.tag_callbacks is tag
+assert usage.tag_callbacks is tag
+print("counted" if counted else "skipped", os.environ["RAY_USAGE_STATS_ENABLED"])
+"""
+
+
+def test_a_local_runtime_starts_through_the_prompt_node_wait_and_skips_the_callback_count():
+    """ray.init's wait for the new node goes through the GCS node table (polled every NODE_POLL_S), then Ray's own
+    lookup, which finds the node; afterwards Ray's function is back. A local runtime has Ray's usage stats off,
+    so Tune's callback count (which imports mlflow) is skipped while the runtime is in use, and put back after."""
+    done = subprocess.run([sys.executable, "-c", START], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["skipped", "0"]
+
+
+def test_the_callback_count_is_left_alone_when_usage_stats_are_on(monkeypatch):
+    from ray.air._internal import usage
+
+    from ltsearch.tune.session import no_callback_usage_count
+
+    tag = usage.tag_callbacks
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    with no_callback_usage_count():
+        assert usage.tag_callbacks is tag
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    with no_callback_usage_count():
+        assert usage.tag_callbacks is not tag and usage.tag_callbacks([object()]) is False
+    assert usage.tag_callbacks is tag

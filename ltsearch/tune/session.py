@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,6 +66,73 @@ def loopback_only() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def no_callback_usage_count() -> Iterator[None]:
+    """With Ray's usage stats off, skip the usage tag `Tuner.fit` computes from the run's callbacks.
+
+    To count callbacks by kind, Ray imports its MLflow, W&B, Comet and Aim integrations, and with them mlflow:
+    ~0.8 s on 2 cores between `fit` and the first trial's start, in every sweep and ablation, for a tag that
+    usage stats switched off never record (ray.air._internal.usage.tag_callbacks). `ray.init` switches them off
+    whenever it starts a local runtime (release wheels); a cluster joined with usage stats on, or a Ray
+    without that function, counts as before.
+    """
+    try:
+        from ray._common.usage.usage_lib import usage_stats_enabled
+        from ray.air._internal import usage
+    except ImportError:
+        yield
+        return
+    original = getattr(usage, "tag_callbacks", None)
+    if original is None or usage_stats_enabled():
+        yield
+        return
+    usage.tag_callbacks = lambda callbacks: False
+    try:
+        yield
+    finally:
+        usage.tag_callbacks = original
+
+
+#: seconds between two looks for the new local node in the GCS while `ray.init` waits for it
+NODE_POLL_S = 0.02
+
+
+@contextlib.contextmanager
+def prompt_node_wait() -> Iterator[None]:
+    """While a local runtime starts, let `ray.init` see the new node within NODE_POLL_S of its registration.
+
+    After starting its processes `ray.init` asks the GCS for the new node, and the GCS client retries that
+    question once a second until the raylet has registered (~1.8 s after the start on 2 cores, once its agents
+    are up), so `ray.init` took 2.1 or 3.1 s. This looks the node up in the GCS's node table every NODE_POLL_S
+    first (the same GCS, the same node id), then asks as Ray does, which then answers at once: 1.9-2.1 s
+    (benchmarks/RESULTS.md). A Ray without these functions starts as before.
+    """
+    from ray._private import services, state
+
+    original = getattr(services, "get_node", None)
+    if original is None or not hasattr(services, "_get_gcs_client_options") or not hasattr(state.GlobalState, "node_table"):
+        yield
+        return
+
+    def get_node(gcs_address: str, node_id: str) -> Any:
+        try:
+            global_state = state.GlobalState()
+            global_state._initialize_global_state(services._get_gcs_client_options(gcs_address))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(node.get("NodeID") == node_id and node.get("Alive")
+                                                          for node in global_state.node_table()):
+                time.sleep(NODE_POLL_S)
+        except Exception:  # noqa: BLE001 - only a faster wait: Ray's own call below waits (or fails) as it always did
+            pass
+        return original(gcs_address, node_id)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = original
+
+
+@contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Use the caller's Ray runtime if there is one; else start Ray in-process (address None) or join `address`.
 
@@ -81,10 +149,11 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
         return
     local = address in (None, "local")
-    with loopback_only() if local else contextlib.nullcontext():
+    with loopback_only() if local else contextlib.nullcontext(), prompt_node_wait() if local else contextlib.nullcontext():
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        yield
+        with no_callback_usage_count():
+            yield
     finally:
         if local:
             stop_autoscaler_monitor()
