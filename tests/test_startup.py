@@ -156,6 +156,7 @@ with ray_session(None):
     assert ray.is_initialized() and services.get_node is spy  # put back once the runtime is up
     assert looked_up == [ray.get_runtime_context().get_node_id()] and polled
     counted = usage.tag_callbacks is tag
+    assert (os.environ["RAY_raylet_client_connect_timeout_milliseconds"], os.environ["RAY_raylet_client_num_connect_attempts"]) == ("50", "200")
 assert usage.tag_callbacks is tag
 print("counted" if counted else "skipped", os.environ["RAY_USAGE_STATS_ENABLED"])
 """
