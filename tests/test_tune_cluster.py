@@ -151,7 +151,7 @@ SAFA_SWEEP = """\
 base: {base}
 name: safa_cluster
 augmenter: {{name: safa, start_epoch: 3}}
-train: {{epochs: 4}}
+train: {{epochs: 20}}
 model: {{width: 16}}
 space:
   augmenter.safa.lambda_recycle: {{loguniform: [10.0, 1000.0]}}
@@ -176,8 +176,8 @@ def test_a_sweep_on_a_two_node_cluster_places_trials_on_both_nodes(tmp_path):
         wait_started(nodes[1], tmp_path / "worker.log")
         driver_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # `ltsearch tune` must switch token auth on itself
         out = tmp_path / "sweep"
-        # trials of ~4 s (60 epochs): a 3-epoch trial took 0.25 s, so the first node's warm actor ran all four
-        # (Tune reuses it) before the second node's worker had imported torch, and the test measured that race
+        # trials of ~4 s here and in SAFA_SWEEP (17 epochs after the shared 3): a 3-epoch trial took 0.25 s, so the
+        # first node's warm actor ran all four (Tune reuses it) before the second node's worker had imported torch
         run = subprocess.run([str(BIN / "ltsearch"), "tune", QUICKSTART, *SMALL, "--set", "train.epochs=60", "--set", "search.num_samples=4",
                               "--address", f"127.0.0.1:{port}", "--out", str(out)], env=driver_env, capture_output=True, text=True,
                              timeout=300, start_new_session=True)
