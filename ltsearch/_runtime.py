@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import random
 import sys
@@ -54,7 +55,7 @@ class EagerSGD(torch.optim.SGD):
     torch.compile) and the first call of the methods in `DYNAMO_GUARDED_OPTIMIZER_METHODS` (to build a "never
     compile this" wrapper, cached on the plain function as `__dynamo_disable`). Nothing in ltsearch runs under
     torch.compile, so here `step` runs torch's own SGD update under no_grad, and the plain methods are cached as
-    their own wrappers. A torch that changes either falls back to its usual path (tests/test_startup.py notices);
+    their own wrappers. A torch that changes the second falls back to its usual path (tests/test_startup.py notices);
     once torch._dynamo is imported anyway (a user's own code), its wrappers are left to build themselves.
     """
 
@@ -67,11 +68,13 @@ class EagerSGD(torch.optim.SGD):
         super().__init__(params, **settings)
 
     def step(self, closure: Any = None) -> Any:
-        update = getattr(torch.optim.SGD.step, "__wrapped__", None)
-        if update is None:
-            return super().step(closure)
         with torch.no_grad():
-            return update(self, closure)
+            return _SGD_UPDATE(self, closure)
+
+
+#: torch's own SGD update under its wrappers (the graph-break one, and the profiling hook torch adds to
+#: `SGD.step` once any plain SGD exists), unwrapped once here so neither can import torch._dynamo
+_SGD_UPDATE = inspect.unwrap(torch.optim.SGD.step)
 
 
 def seed_everything(seed: int) -> None:

@@ -61,15 +61,17 @@ def test_torchvision_is_imported_when_a_torchvision_network_is_built():
 
 def test_training_a_run_does_not_import_torch_dynamo():
     """torch.optim imports torch._dynamo (~1.1 s) at an optimizer's first step or add_param_group/zero_grad/
-    state_dict; the engine's EagerSGD does not. The state_dict round trip covers the last two."""
+    state_dict; the engine's EagerSGD does not, also after a plain SGD in the same process has re-wrapped
+    `SGD.step` (torch's profiling hook). The state_dict round trip covers the last two."""
     code = ("import torch\n"
             "from ltsearch.config import build_run_config\n"
             "from ltsearch.engine import Trainer\n"
-            "config = build_run_config({'train': {'epochs': 1, 'device': 'cpu'}, 'data': {'max_train_per_class': 8, 'max_eval_per_class': 4}})\n"
+            "config = build_run_config({'train': {'epochs': 2, 'device': 'cpu'}, 'data': {'max_train_per_class': 8, 'max_eval_per_class': 4}})\n"
             "trainer = Trainer(config)\n"
-            "results = list(trainer.run())\n"
-            "assert len(results) == 1\n"
-            "trainer.optimizer.load_state_dict(trainer.optimizer.state_dict())")
+            "assert len(list(trainer.run(until=1))) == 1\n"
+            "trainer.optimizer.load_state_dict(trainer.optimizer.state_dict())\n"
+            "torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)\n"
+            "assert len(list(trainer.run())) == 1")
     assert imported_after(code, ("torch._dynamo",)) == []
     assert imported_after("import torch\nopt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)",
                           ("torch._dynamo",)) == ["torch._dynamo"]  # what torch does on its own
