@@ -1,4 +1,4 @@
-"""Start-up costs: what importing ltsearch's layers pulls in, and how a local Ray runtime is stopped.
+"""Start-up costs: what importing ltsearch's layers pulls in, and what a local Ray runtime starts.
 
 A Ray trial worker imports the trainable, unpickles the built dataset and looks its data source up in the
 registry; none of that may import torchvision (with torch._dynamo) or scikit-learn/scipy, ~2 s of imports
@@ -82,62 +82,57 @@ def test_building_the_cli_parser_imports_neither_torch_nor_ray():
     assert imported_after("import ltsearch.cli\nltsearch.cli.build_parser()", watched) == []
 
 
-# --------------------------------------------------------------------------- the local runtime's exit
-class FakeNode:
-    def __init__(self, head: bool):
-        self.head = head
-        self.calls: list[dict] = []
+# --------------------------------------------------------------------------- the local runtime's processes
+LEAN = """
+import json, os
+import ray
+import ray._private.node as node_module
+from ray.tune.execution.class_cache import _ActorClassCache
+from ltsearch.tune.session import ray_session
+init, api_server, cache_get = node_module.Node.__init__, node_module.Node.start_api_server, _ActorClassCache.get
 
-    def kill_monitor(self, **kwargs) -> None:
-        self.calls.append(kwargs)
+class Trial:
+    def env(self):
+        return os.environ.get("PL_DISABLE_FORK"), os.environ.get("RAY_CHDIR_TO_TRIAL_DIR")
 
-
-@pytest.mark.parametrize("head", [True, False])
-def test_stop_autoscaler_monitor_kills_only_a_head_nodes_monitor(monkeypatch, head: bool):
+with ray_session(None):
     from ray._private import worker
-
-    from ltsearch.tune.session import stop_autoscaler_monitor
-
-    node = FakeNode(head)
-    monkeypatch.setattr(worker, "_global_node", node)
-    stop_autoscaler_monitor()
-    assert node.calls == ([{"check_alive": False}] if head else [])
-
-
-def test_stop_autoscaler_monitor_does_nothing_without_a_node_or_the_method(monkeypatch):
-    from ray._private import worker
-
-    from ltsearch.tune.session import stop_autoscaler_monitor
-
-    monkeypatch.setattr(worker, "_global_node", None)
-    stop_autoscaler_monitor()
-    monkeypatch.setattr(worker, "_global_node", object())  # a Ray without Node.head / kill_monitor: left to ray.shutdown
-    stop_autoscaler_monitor()
+    started = sorted(worker._global_node.all_processes)
+    assert (node_module.Node.__init__, node_module.Node.start_api_server) == (init, api_server)  # put back once up
+    cache = _ActorClassCache()
+    inherited = cache.get(Trial)._default_options.get("runtime_env")
+    env = ray.get(cache.get(Trial).options(num_cpus=0).remote().env.remote())
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # set after ray.init: the workers do not have it, so Tune's runtime env stays
+    kept = _ActorClassCache().get(Trial)._default_options.get("runtime_env")
+assert _ActorClassCache.get is cache_get
+print(json.dumps({"started": started, "inherited": inherited, "env": env, "kept": kept}))
+"""
 
 
-def test_a_local_runtime_stops_its_monitor_while_the_gcs_still_runs(monkeypatch):
-    """The installed Ray still has what `stop_autoscaler_monitor` relies on, and it runs before the GCS stops
-    (after it, the monitor's SIGTERM handler waits out Ray's 1 s grace trying to reach the stopped GCS)."""
-    import ray
-    import ray._private.node as node_module
+def test_a_local_runtime_starts_no_monitor_log_monitor_or_api_server_and_trials_inherit_tunes_env():
+    """The three head processes that only serve other clients are left out (and Ray's Node is put back once the
+    runtime is up); a trial actor registered through Tune's class cache gets no runtime env, yet its worker has
+    the variable Tune would have set; a variable set after `ray.init` keeps Tune's runtime env."""
+    done = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k not in ("PL_DISABLE_FORK", "RAY_CHDIR_TO_TRIAL_DIR")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert {"gcs_server", "raylet"} <= set(seen["started"]), seen
+    assert not {"monitor", "log_monitor", "dashboard"} & set(seen["started"]), seen
+    assert seen["inherited"] is None and seen["env"] == ["1", None], seen
+    assert seen["kept"] == {"env_vars": {"PL_DISABLE_FORK": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}}, seen
 
-    from ltsearch.tune.session import ray_session
 
-    if ray.is_initialized():
-        pytest.skip("a Ray runtime is already up in this process")
-    order: list[str] = []
-    original = node_module.Node._kill_process_impl
+def test_a_joined_cluster_keeps_tunes_runtime_env(monkeypatch):
+    """Outside `inherited_trial_env` (a cluster's workers inherit their own node's environment) Tune's class cache
+    registers trainables with its env_vars runtime env, as Ray ships it."""
+    from ray.tune.execution.class_cache import _ActorClassCache
 
-    def recording(self, process_type, **kwargs):
-        order.append(process_type)
-        return original(self, process_type, **kwargs)
+    class Trial:
+        pass
 
-    monkeypatch.setattr(node_module.Node, "_kill_process_impl", recording)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with ray_session(None):
-        assert ray.is_initialized()
-    assert not ray.is_initialized()
-    assert "monitor" in order and "gcs_server" in order and order.index("monitor") < order.index("gcs_server"), order
+    monkeypatch.delenv("RAY_CHDIR_TO_TRIAL_DIR", raising=False)
+    assert _ActorClassCache().get(Trial)._default_options["runtime_env"]["env_vars"]["PL_DISABLE_FORK"] == "1"
 
 
 # --------------------------------------------------------------------------- the local runtime's start
@@ -176,7 +171,7 @@ def test_a_local_runtime_starts_through_the_prompt_node_wait_and_skips_the_callb
 def test_the_callback_count_is_left_alone_when_usage_stats_are_on(monkeypatch):
     from ray.air._internal import usage
 
-    from ltsearch.tune.session import no_callback_usage_count
+    from ltsearch.tune.local_runtime import no_callback_usage_count
 
     tag = usage.tag_callbacks
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")

@@ -6,25 +6,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import ray
 
+from ltsearch.tune.local_runtime import inherited_trial_env, local_start, no_callback_usage_count
 
 #: driver-side Ray settings (a user's own environment wins): our ProgressTable replaces Ray's console output, and the
 #: experiment-state snapshot that `checkpoint.keep` forces is cheap on these small states, so its warning is noise.
 #: A local raylet (it inherits this environment) prestarts no idle workers: it would start one per CPU when the
-#: driver registers and hold `ray.init` until they are up (~0.5 s on 2 cores), yet Tune gives its trial actors a
-#: runtime env (env_vars), so no trial ever runs on one; an actor without one (the prefix board) starts its own.
+#: driver registers and hold `ray.init` until they are up (~0.5 s on 2 cores) while other daemons start.
+#: PL_DISABLE_FORK is what Tune sets in its trial actors' runtime env; set here, a local raylet's workers inherit
+#: it and the trials start without one (local_runtime.inherited_trial_env).
 #: Tune's automatic loggers are off: `result_loggers` adds back the two whose files we read (see there).
 #: A process that connects to a Unix socket not yet listening (the raylet to its just-started object store, a new
 #: worker to its raylet) retries every 50 ms, 200 times, instead of every 1000 ms, 10 times: the same 10 s of
 #: patience, but a local `ray.init` that lost that race waited a whole second (2.5 s on average, 1.9 s now).
 RAY_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
            "RAY_prestart_worker_first_driver": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-           "RAY_raylet_client_connect_timeout_milliseconds": "50", "RAY_raylet_client_num_connect_attempts": "200"}
+           "RAY_raylet_client_connect_timeout_milliseconds": "50", "RAY_raylet_client_num_connect_attempts": "200",
+           "PL_DISABLE_FORK": "1"}
 
 
 def result_loggers() -> list[Any]:
@@ -40,110 +42,15 @@ def result_loggers() -> list[Any]:
     return [JsonLoggerCallback(), CSVLoggerCallback()]
 
 
-#: Ray's switch between "this machine only" (its processes take the loopback address as the node IP and
-#: bind to it) and "a node others can join" (they bind the machine's address or every interface). Ray reads it
-#: from this variable when imported, and from `ray_constants.ENABLE_RAY_CLUSTER` when it picks the node IP.
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextlib.contextmanager
-def loopback_only() -> Iterator[None]:
-    """While a local runtime starts, make Ray take 127.0.0.1 as the node IP, so every process it starts (GCS,
-    raylet, object manager, workers, agents) listens on the loopback interface only; restored afterwards.
-
-    The variable reaches the processes Ray spawns (they inherit the environment); the constant, the
-    driver already imported.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    previous_env, previous_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
-        if previous_env is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = previous_env
-
-
-@contextlib.contextmanager
-def no_callback_usage_count() -> Iterator[None]:
-    """With Ray's usage stats off, skip the usage tag `Tuner.fit` computes from the run's callbacks.
-
-    To count callbacks by kind, Ray imports its MLflow, W&B, Comet and Aim integrations, and with them mlflow:
-    ~0.8 s on 2 cores between `fit` and the first trial's start, in every sweep and ablation, for a tag that
-    usage stats switched off never record (ray.air._internal.usage.tag_callbacks). `ray.init` switches them off
-    whenever it starts a local runtime (release wheels); a cluster joined with usage stats on, or a Ray
-    without that function, counts as before.
-    """
-    try:
-        from ray._common.usage.usage_lib import usage_stats_enabled
-        from ray.air._internal import usage
-    except ImportError:
-        yield
-        return
-    original = getattr(usage, "tag_callbacks", None)
-    if original is None or usage_stats_enabled():
-        yield
-        return
-    usage.tag_callbacks = lambda callbacks: False
-    try:
-        yield
-    finally:
-        usage.tag_callbacks = original
-
-
-#: seconds between two looks for the new local node in the GCS while `ray.init` waits for it
-NODE_POLL_S = 0.02
-
-
-@contextlib.contextmanager
-def prompt_node_wait() -> Iterator[None]:
-    """While a local runtime starts, let `ray.init` see the new node within NODE_POLL_S of its registration.
-
-    After starting its processes `ray.init` asks the GCS for the new node, and the GCS client retries that
-    question once a second until the raylet has registered (~1.8 s after the start on 2 cores, once its agents
-    are up), so `ray.init` took 2.1 or 3.1 s. This looks the node up in the GCS's node table every NODE_POLL_S
-    first (the same GCS, the same node id), then asks as Ray does, which then answers at once: 1.9-2.1 s
-    (benchmarks/RESULTS.md). A Ray without these functions starts as before.
-    """
-    from ray._private import services, state
-
-    original = getattr(services, "get_node", None)
-    if original is None or not hasattr(services, "_get_gcs_client_options") or not hasattr(state.GlobalState, "node_table"):
-        yield
-        return
-
-    def get_node(gcs_address: str, node_id: str) -> Any:
-        try:
-            global_state = state.GlobalState()
-            global_state._initialize_global_state(services._get_gcs_client_options(gcs_address))
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(node.get("NodeID") == node_id and node.get("Alive")
-                                                          for node in global_state.node_table()):
-                time.sleep(NODE_POLL_S)
-        except Exception:  # noqa: BLE001 - only a faster wait: Ray's own call below waits (or fails) as it always did
-            pass
-        return original(gcs_address, node_id)
-
-    services.get_node = get_node
-    try:
-        yield
-    finally:
-        services.get_node = original
-
-
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Use the caller's Ray runtime if there is one; else start Ray in-process (address None) or join `address`.
 
     Only what this function started is shut down. `address=None` means "local": Ray's own default
     would join whatever cluster `ray start` left on this machine, which a laptop user did not ask for.
-    A local runtime listens on 127.0.0.1 only (`loopback_only`); a cluster's processes listen where
-    that cluster was started (`ray start --node-ip-address ...`), which is the user's choice.
+    A local runtime starts lean (`local_runtime`: on 127.0.0.1 only, without the processes that serve other
+    clients, trial workers without Tune's runtime-env shim); a cluster's processes listen where that cluster was
+    started (`ray start --node-ip-address ...`), which is the user's choice.
     Joining a token-authenticated cluster by IP:PORT needs RAY_AUTH_MODE=token before Ray is imported
     (the CLI sets it; see cli/tune.py).
     """
@@ -153,35 +60,14 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
         return
     local = address in (None, "local")
-    with loopback_only() if local else contextlib.nullcontext(), prompt_node_wait() if local else contextlib.nullcontext():
+    runtime_env = dict(os.environ)
+    with local_start() if local else contextlib.nullcontext():
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        with no_callback_usage_count():
+        with inherited_trial_env(runtime_env) if local else contextlib.nullcontext(), no_callback_usage_count():
             yield
     finally:
-        if local:
-            stop_autoscaler_monitor()
         ray.shutdown()
-
-
-def stop_autoscaler_monitor() -> None:
-    """Stop the local runtime's autoscaler monitor while its GCS still runs, before `ray.shutdown`.
-
-    `ray.shutdown` stops the raylet, then the GCS, then the monitor, with a SIGTERM whose handler tries to
-    report "the autoscaler failed" to the GCS that is already gone; Ray gives it 1 s, then SIGKILLs it, so
-    every local sweep's exit waited 1.0 s. Ray's own `Node.kill_monitor` SIGKILLs it first instead: the end
-    that shutdown reaches anyway, without the wait. A single-node runtime's monitor has nothing to scale and
-    keeps no state of its own (ray.init offers no switch to leave it out; `ray start` has only a hidden one).
-    Does nothing when this Ray lacks the method or the monitor (`ray.shutdown` then stops it as before).
-    """
-    try:
-        from ray._private import worker
-
-        node = worker._global_node
-        if node is not None and node.head:
-            node.kill_monitor(check_alive=False)
-    except Exception:  # noqa: BLE001 - an optimisation only: ray.shutdown() below stops whatever is left
-        pass
 
 
 # -------------------------------------------------------------------------------- checks before launch
