@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltsearch.augmenters.base import rows
+
 Assignment = Literal["logits", "sigmoid"]
 Reduction = Literal["sum", "mean"]
 
@@ -152,4 +154,4 @@ def implicit_augmentation_loss(features: torch.Tensor, targets: torch.Tensor, we
         quadratic = (torch.matmul(diff, cov) * diff).sum(dim=2)
     else:
         quadratic = (diff.square() * cov.unsqueeze(1)).sum(dim=2)
-    return F.cross_entropy(logits + 0.5 * strength * quadratic[targets], targets)
+    return F.cross_entropy(logits + 0.5 * strength * rows(quadratic, targets), targets)

@@ -201,6 +201,18 @@ class AugmentOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[index]` along dim 0, with a gradient that sums in the same order every run on CPU.
+
+    The backward of `tensor[index]` adds the output gradient into `tensor`'s rows with atomic adds spread over
+    torch's threads once the tensor is large enough to split (torch.use_deterministic_algorithms lists it), so
+    where `index` repeats (class rows picked by labels, one source used for several samples) the float sum
+    changes from run to run on 2+ threads. index_select's backward (index_add) adds in index order. The forward
+    values are the same. Use it wherever a parameter or a differentiable map is gathered with repeats.
+    """
+    return tensor.index_select(0, index)
+
+
 def head_class_mask(class_counts: torch.Tensor, head_ratio: float) -> torch.Tensor:
     """Boolean mask of head classes: the round(γ·C) most frequent (stable on ties), clipped to [1, C-1]."""
     num_classes = class_counts.numel()

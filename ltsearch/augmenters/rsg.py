@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltsearch import _checks as check
-from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, BeforeStart, TrainState
+from ltsearch.augmenters.base import AugmentOutput, Augmenter, AugmenterContext, BeforeStart, TrainState, rows
 from ltsearch.registry import AUGMENTERS
 
 CESC_TERMS = ("cesc_center", "cesc_contrastive")
@@ -162,7 +162,7 @@ class CenterEstimation(nn.Module):
 
     def logits(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(N, K) assignment logits, from the sample's own class row only (A^l, b^l)."""
-        return torch.einsum("nd,nkd->nk", pooled, self.weight[labels]) + self.bias[labels]
+        return torch.einsum("nd,nkd->nk", pooled, rows(self.weight, labels)) + rows(self.bias, labels)
 
     def loss(self, x: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
              with_spread: bool = False) -> torch.Tensor:
@@ -173,7 +173,7 @@ class CenterEstimation(nn.Module):
         Σ(x − up(ave x))² depends on the detached maps only: no parameter can change it, it adds
         nothing to any gradient, and on CIFAR-10 it is ~90% of the literal value once the centres fit.
         """
-        distance = x.shape[-2] * x.shape[-1] * (pooled[:, None, :] - self.centers[labels]).square().sum(-1)
+        distance = x.shape[-2] * x.shape[-1] * (pooled[:, None, :] - rows(self.centers, labels)).square().sum(-1)
         fit = (logits.softmax(1) * distance).sum(1)
         if with_spread:
             fit = fit + (x - pooled[:, :, None, None]).square().sum((1, 2, 3))
@@ -302,9 +302,9 @@ class Rsg(Augmenter):
         freq, rare = pairs
         nearest = self.center_estimation.centers.detach()[labels, logits.argmax(1)][:, :, None, None].to(x.dtype)
         source = x if self.cfg.detach_inputs else feats
-        displacement = source[freq] - nearest[freq]  # Eq. 3
+        displacement = rows(source, freq) - nearest[freq]  # Eq. 3
         shift = self.transform(displacement) if self.cfg.vector_transform else displacement
-        base = source[rare] if self.cfg.add_to == "sample" else nearest[rare].expand_as(shift)
+        base = rows(source, rare) if self.cfg.add_to == "sample" else nearest[rare].expand_as(shift)
         if self.cfg.vector_transform and any(self.loss_weights[name] > 0 for name in MV_TERMS):
             fixed = displacement.detach()
             transformed = shift if self.cfg.detach_inputs else self.transform(fixed)
