@@ -3,6 +3,9 @@
 Writes into DIR: `config.yaml` (the resolved config, rerunnable as is), `checkpoint.pt` (after every
 epoch, atomically), `history.parquet` (one row per epoch, rewritten each epoch) and `metrics.json`
 (final and best-val metrics). An interrupted run continues with `ltsearch train --resume DIR`.
+A run whose method starts at epoch T shares its first T epochs through the cache (`ltsearch.prefix.local`):
+it continues from a cached snapshot of its prefix when one exists (a sweep's trunk: rerunning a sweep's
+best.yaml skips them), else publishes its own at T into DIR/prefixes/ and the cache.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ltsearch.tracking.settings import SECTION, TrackingConfig, split_tracking
 # building the CLI's parser (every command imports this module, `--help` too) does not pay ~2 s for them
 if TYPE_CHECKING:
     from ltsearch.engine import EpochResult, Trainer
+    from ltsearch.prefix.local import LocalSharing
     from ltsearch.tracking.record import RunRecorder
 
 TRACKING_FILE = "tracking.yaml"  # the run's `tracking:` section, so --resume logs to the same place
@@ -41,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="output directory (default: runs/<config>-<time>); must not already hold a run")
     parser.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its config; --set may change e.g. train.epochs)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="train every epoch and leave the cache alone (by default a run whose method starts at epoch T continues "
+                             "from a snapshot of its shared prefix in the cache, e.g. a sweep's, or else publishes its own at T)")
     parser.set_defaults(handler=run)
 
 
@@ -80,7 +87,7 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
+def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig, LocalSharing | None]:
     """Validate everything (config, tracking, output directory) before the run directory is written."""
     from ltsearch.checkpoints import CHECKPOINT_FILE, checkpoint_candidates
     from ltsearch.data import verify_files
@@ -103,7 +110,7 @@ def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
             print(trainer.restore_note, file=sys.stderr, flush=True)
         if args.overrides:
             (out / "config.yaml").write_text(dump_yaml(config))
-        return trainer, out, tracking
+        return trainer, out, tracking, None  # a resumed run neither forks nor publishes: how it started is not recorded
     source = args.config or "--set"
     raw, tracking = split_tracking(apply_overrides(read_yaml(args.config) if args.config else {}, args.overrides), source=source)
     config = build_run_config(raw, source=source)
@@ -116,7 +123,17 @@ def _start(args: argparse.Namespace) -> tuple[Trainer, Path, TrackingConfig]:
         raise ConfigError("--out", str(out), f"a directory that can be created ({error.strerror or error})") from None
     (out / "config.yaml").write_text(dump_yaml(config))
     (out / TRACKING_FILE).write_text(yaml.safe_dump(dataclasses.asdict(tracking), sort_keys=False))
-    return trainer, out, tracking
+    return trainer, out, tracking, None if args.no_share_prefix else _share(trainer, out)
+
+
+def _share(trainer: Trainer, out: Path) -> LocalSharing | None:
+    from ltsearch.engine import default_cache_dir
+    from ltsearch.prefix.local import share_locally
+
+    sharing = share_locally(trainer, out, default_cache_dir(), fork=True)
+    if sharing is not None:
+        print(f"ltsearch train: {sharing.describe()}", flush=True)
+    return sharing
 
 
 def _open_tracking(trainer: Trainer, out: Path, tracking: TrackingConfig, experiment: str) -> RunRecorder | None:
@@ -147,11 +164,11 @@ def _close_tracking(recorder: RunRecorder | None, trainer: Trainer, out: Path, s
 
 
 def run(args: argparse.Namespace) -> int:
-    trainer, out, tracking = _start(args)
+    trainer, out, tracking, sharing = _start(args)
     experiment = Path(args.config).stem if args.config else "digits"
     recorder = _open_tracking(trainer, out, tracking, experiment)
     try:
-        return _train(args, trainer, out, recorder)
+        return _train(args, trainer, out, recorder, sharing)
     except KeyboardInterrupt:
         _close_tracking(recorder, trainer, out, "unfinished")
         raise
@@ -163,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
-def _train(args: argparse.Namespace, trainer: Trainer, out: Path, recorder: RunRecorder | None) -> int:
+def _train(args: argparse.Namespace, trainer: Trainer, out: Path, recorder: RunRecorder | None, sharing: LocalSharing | None) -> int:
     from ltsearch.engine import summarize
     from ltsearch.results import write_json, write_table
     from ltsearch.tracking import record
@@ -176,6 +193,8 @@ def _train(args: argparse.Namespace, trainer: Trainer, out: Path, recorder: RunR
     try:
         for result in trainer.run():
             result.save_checkpoint(out)
+            if sharing is not None:
+                sharing.publish_if_due(trainer)
             write_table(trainer.history, out / "history.parquet")
             if recorder is not None:
                 recorder.epoch(record.PARENT, result.metrics)
