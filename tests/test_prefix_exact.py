@@ -66,6 +66,7 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
         "rsg.mv_pair": "frequent_sample",
         "rsg.mv_vectors": "flat",
         "rsg.detach_inputs": True,
+        "head_ratio": 0.5,  # A: RSG's 0.2; only the generation reads the head mask
     },
     "safa": {
         "start_epoch": T_B,
@@ -79,6 +80,7 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
         "safa.recycle_distance": "l2",
         "safa.ms_guard": 0.5,
         "safa.module_scale": "free",
+        "head_ratio": 0.5,  # A: SAFA's 0.2
     },
     "smart": {
         "start_epoch": T_B,
@@ -112,6 +114,7 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
         "m2m.noise_radius": 0.3,
         "m2m.reference_path": REFERENCE_FILE,
         "m2m.reference_epochs": 1,
+        "head_ratio": 0.5,  # A: M2m's 1/3 (M2m itself never reads the head mask)
     },
 }
 
@@ -298,6 +301,8 @@ SENSITIVITY = {
     # case: (why it is pre-T, what A also sets, what C changes, `trains` forced on the fork or None = the declaration)
     "rsg-lambda_cesc": ("λ1 sets how fast the centres learn before T", {}, {"rsg.lambda_cesc": 0.5}, None),
     "rsg-trains": ("RSG's centres train before T: a fork must take them from the prefix", {}, {}, False),
+    "rsg-head_ratio": ("the head mask reaches a head_tail DRS sampler before T", {"loss.resample.sampler": "head_tail"},
+                       {"head_ratio": 0.5}, None),
     "safa-head_ratio": ("the head mask reaches a head_tail DRS sampler before T", {"loss.resample.sampler": "head_tail"},
                         {"head_ratio": 0.5}, None),
     "safa-lr": ("a backbone key", {}, {"optim.lr": 0.05}, None),

@@ -74,11 +74,32 @@ def test_prefix_key_ignores_post_start_knobs_and_sees_everything_else(tmp_path):
     base = ["augmenter.name=safa", "train.epochs=5", "augmenter.start_epoch=3"]
     key = prefix_of(load_run_config(DIGITS, base)).key
     assert prefix_of(load_run_config(DIGITS, [*base, "augmenter.safa.lambda_recycle=5.0", "augmenter.start_epoch=4"])).key == key
-    for change in ("optim.lr=0.05", "train.seed=1", "augmenter.head_ratio=0.4", "data.imbalance=20", "model.width=16", "train.epochs=6"):
+    for change in ("optim.lr=0.05", "train.seed=1", "data.imbalance=20", "model.width=16", "train.epochs=6"):
         assert prefix_of(load_run_config(DIGITS, [*base, change])).key != key, change
     assert prefix_of(load_run_config(DIGITS, [*base, "augmenter.start_epoch=4"])).fork_epoch == 4
     assert prefix_of(load_run_config(DIGITS, ["augmenter.name=safa", "augmenter.start_epoch=0"])) is None  # active from epoch 0
     assert prefix_of(load_run_config(DIGITS, [])) is None  # no method
+
+
+def test_the_head_ratio_is_in_the_key_only_when_the_loader_draws_with_the_head_mask_before_the_start(tmp_path):
+    """SAFA, M2m and RSG read the head mask only once active; before T it reaches training only through a DRS switch
+    to the `head_tail` sampler (loss.resample), so gamma splits prefixes exactly when that switch comes before T."""
+    for method in ("safa", "m2m", "rsg"):
+        base = [f"augmenter.name={method}", "train.epochs=5", "augmenter.start_epoch=3"]
+
+        def key(*extra: str) -> str:
+            return prefix_of(load_run_config(DIGITS, [*base, *extra])).key
+
+        assert key("augmenter.head_ratio=0.4") == key("augmenter.head_ratio=0.6"), method
+        drs = ["loss.resample.sampler=head_tail", "loss.resample.start_epoch=2"]
+        assert key(*drs, "augmenter.head_ratio=0.4") != key(*drs, "augmenter.head_ratio=0.6"), method
+        after = ["loss.resample.sampler=head_tail", "loss.resample.start_epoch=3"]  # switches at T: post-T
+        assert key(*after, "augmenter.head_ratio=0.4") == key(*after, "augmenter.head_ratio=0.6"), method
+        balanced = ["loss.resample.sampler=class_balanced", "loss.resample.start_epoch=0"]  # reads no head mask
+        assert key(*balanced, "augmenter.head_ratio=0.4") == key(*balanced, "augmenter.head_ratio=0.6"), method
+    smart = ["augmenter.name=smart", "train.epochs=5", "augmenter.start_epoch=3"]  # SMART declares gamma (its fixed pairing)
+    assert (prefix_of(load_run_config(DIGITS, [*smart, "augmenter.head_ratio=0.4"])).key
+            != prefix_of(load_run_config(DIGITS, [*smart, "augmenter.head_ratio=0.6"])).key)
 
 
 def test_prefix_key_reads_warm_start_weights_by_content(tmp_path):

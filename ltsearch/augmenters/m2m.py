@@ -199,10 +199,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
                      # `on_epoch_start` fetches g only once active (g is trained or loaded at T, never before),
                      # its buffers (acceptance matrix, generation probability) are constants of the class counts
                      # and β that only the active step reads, and it has no parameters and draws nothing.
-                     # What still reaches epochs [0, T): the head mask (unused by M2m itself), which the engine
-                     # hands to the train loader, where a DRS schedule with the `head_tail` sampler
-                     # (loss.resample.sampler) draws from it before T.
-                     before_start=BeforeStart(keys=("head_ratio",), trains=False))
+                     # The head mask (γ; unused by M2m itself) reaches epochs [0, T) only through the train
+                     # loader, which `prefix_of` checks itself.
+                     before_start=BeforeStart(keys=(), trains=False))
 class M2m(Augmenter):
     """Replaces oversampled minority samples by translated majority seeds (Alg. 1 on mini-batches).
 

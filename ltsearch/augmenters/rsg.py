@@ -242,9 +242,8 @@ def mv_length_term(transformed: torch.Tensor, displacement: torch.Tensor, groupi
                          "rsg.cesc_center",               # multiplier of L_CESC's centre term (0 skips it)
                          "rsg.cesc_contrastive",          # multiplier of the pair term (0 skips it and its randperm draws)
                          "rsg.cesc_literal",              # the logged centre term (train/loss, train/aux/cesc_center) gains the spread
-                         # the head mask goes to the train loader; a DRS schedule with the `head_tail` sampler
-                         # (loss.resample.sampler) draws its batches from it before T
-                         "head_ratio",
+                         # not the head ratio γ: only the generation (j ≥ T_th) reads the head mask, which is not
+                         # checkpointed; the train loader's use of it before T is `prefix_of`'s to check
                      ), trains=True))
 class Rsg(Augmenter):
     """Centres and contrastive module learn before T_th; generation and L_MV run from T_th on (Algorithm 1).

@@ -203,10 +203,9 @@ def same_class_pairs(labels: torch.Tensor, class_counts: torch.Tensor, *, num_sa
                                  "L_c": {"augmenter.safa.lambda_contrastive": 0.0}},
                      # Before T_th SAFA is the identity: no step, no epoch hook, no loss term, its sampler is
                      # None (the loss schedule's), evaluation is the identity, and E, D, G, Q (built in their
-                     # own init stream) get no gradient and update no BatchNorm statistics. What still reaches
-                     # epochs [0, T): the head mask, which the engine hands to the train loader, where a DRS
-                     # schedule with the `head_tail` sampler (loss.resample.sampler) draws from it before T.
-                     before_start=BeforeStart(keys=("head_ratio",), trains=False))
+                     # own init stream) get no gradient and update no BatchNorm statistics. The head mask (γ)
+                     # reaches epochs [0, T) only through the train loader, which `prefix_of` checks itself.
+                     before_start=BeforeStart(keys=(), trains=False))
 class Safa(Augmenter):
     """SAFA as a plug-in at boundary k (Fig. 2).
 

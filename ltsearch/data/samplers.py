@@ -74,7 +74,7 @@ def reversed_sampler(labels: torch.Tensor, class_counts: torch.Tensor, *, num_sa
     return draw_by_class(labels, torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0), num_samples, generator)
 
 
-@SAMPLERS.register("head_tail")
+@SAMPLERS.register("head_tail", reads_head_mask=True)
 def head_tail(labels: torch.Tensor, class_counts: torch.Tensor, *, num_samples: int, batch_size: int,
               generator: torch.Generator, head_mask: torch.Tensor | None) -> torch.Tensor:
     """Each consecutive chunk of `batch_size` (the loader's batches): its first len//2 positions come from

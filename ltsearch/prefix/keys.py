@@ -20,10 +20,12 @@ from typing import Any
 
 from ltsearch.augmenters.base import before_start_of, resolve_start_epoch
 from ltsearch.config import RunConfig, to_dict
+from ltsearch.registry import SAMPLERS
 
 #: bump when what a prefix checkpoint holds, or how it is trained, changes: old cache entries are then never reused
 PREFIX_FORMAT = 1
 START_EPOCH = "start_epoch"
+HEAD_RATIO = "head_ratio"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ def prefix_of(config: RunConfig) -> Prefix | None:
     raw = to_dict(config, active_only=True)
     augmenter = raw["augmenter"]
     pre_start_keys = declared.keys if declared is not None else tuple(_leaf_keys(augmenter))
+    if HEAD_RATIO not in pre_start_keys and loader_reads_head_mask(config, fork_epoch):
+        pre_start_keys = (*pre_start_keys, HEAD_RATIO)
     trunk = to_dict(config)
     if START_EPOCH not in pre_start_keys:
         trunk["augmenter"][START_EPOCH] = epochs - 1  # idle for every epoch a fork can start at
@@ -71,6 +75,17 @@ def prefix_of(config: RunConfig) -> Prefix | None:
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return Prefix(key=key, fork_epoch=fork_epoch, trunk=trunk, method=name,
                   trains_before_start=declared.trains if declared is not None else True)
+
+
+def loader_reads_head_mask(config: RunConfig, fork_epoch: int) -> bool:
+    """Whether the train loader draws with the head mask, so with the head ratio γ, in an epoch before T.
+
+    The engine hands every loader the method's head mask; a sampler registered with `reads_head_mask`
+    (`head_tail`) draws from it once the DRS schedule (`loss.resample`) switches to it. A method's own
+    sampler choice before T is the method's to declare (LCReg's second stage); idle methods have none.
+    """
+    resample = config.loss.resample
+    return resample.start_epoch < fork_epoch and bool(SAMPLERS.get(resample.sampler).meta.get("reads_head_mask"))
 
 
 def _leaf_keys(tree: dict[str, Any], parent: str = "") -> list[str]:
