@@ -130,7 +130,7 @@ def _share(trainer: Trainer, out: Path) -> LocalSharing | None:
     from ltsearch.engine import default_cache_dir
     from ltsearch.prefix.local import share_locally
 
-    sharing = share_locally(trainer, out, default_cache_dir(), fork=True)
+    sharing = share_locally(trainer, out, default_cache_dir())
     if sharing is not None:
         print(f"ltsearch train: {sharing.describe()}", flush=True)
     return sharing

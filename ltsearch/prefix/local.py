@@ -45,17 +45,17 @@ class LocalSharing:
         return f"epoch {epochs}: this run publishes the shared prefix {self.prefix.label} (for later sweeps, ablations and runs)"
 
 
-def share_locally(trainer: "Trainer", root: str | Path, cache: str | Path, *, fork: bool) -> LocalSharing | None:
-    """Set up sharing for `trainer` (a new run at epoch 0 or a resumed one), None when its config has no prefix.
+def share_locally(trainer: "Trainer", root: str | Path, cache: str | Path) -> LocalSharing | None:
+    """Set up sharing for a new run's `trainer` (at epoch 0), None when its config has no prefix.
 
-    With `fork` and a snapshot of the run's prefix at its fork epoch (in `root` or the cache, linked into
-    `root`), the trainer continues from it; its epochs carry `prefix/shared` and the prefix key in the history.
+    With a snapshot of the run's prefix at its fork epoch (in `root` or the cache, linked into `root`), the
+    trainer continues from it; its epochs carry `prefix/shared` and the prefix key in the history.
     """
     prefix = prefix_of(trainer.config)
-    if prefix is None or trainer.epoch > prefix.fork_epoch:
+    if prefix is None:
         return None
     store = PrefixStore(root, cache)
-    snapshot = store.snapshot(prefix.key, prefix.fork_epoch) if fork and trainer.epoch == 0 else None
+    snapshot = store.snapshot(prefix.key, prefix.fork_epoch)
     if snapshot is not None:
         from ltsearch.checkpoints import read_checkpoint
 

@@ -5,7 +5,8 @@ end. On 2 cores that start-up was ~7.5 s of a 30 s shared-prefix sweep (benchmar
 by every command; each context manager here removes one cost that a runtime nobody else joins does not need.
 Every one leaves Ray as it found it on exit, and does nothing on a Ray that lacks what it relies on
 (tests/test_startup.py pins the installed Ray's behaviour). A cluster (`--address`) is started by its owner
-and joined as Ray does it; none of this applies there.
+and joined as Ray does it; none of this applies there, except `no_callback_usage_count`, which follows Ray's
+usage-stats setting wherever the driver runs.
 """
 
 from __future__ import annotations

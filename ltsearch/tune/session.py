@@ -16,7 +16,8 @@ from ltsearch.tune.local_runtime import inherited_trial_env, local_start, no_cal
 #: driver-side Ray settings (a user's own environment wins): our ProgressTable replaces Ray's console output, and the
 #: experiment-state snapshot that `checkpoint.keep` forces is cheap on these small states, so its warning is noise.
 #: A local raylet (it inherits this environment) prestarts no idle workers: it would start one per CPU when the
-#: driver registers and hold `ray.init` until they are up (~0.5 s on 2 cores) while other daemons start.
+#: driver registers and hold `ray.init` until they are up (~0.5 s on 2 cores). A trial could now start on one (see
+#: below), but on 2 cores that was no faster: 2.58 against 2.64 s from `ray.init` to an actor with torch imported.
 #: PL_DISABLE_FORK is what Tune sets in its trial actors' runtime env; set here, a local raylet's workers inherit
 #: it and the trials start without one (local_runtime.inherited_trial_env).
 #: Tune's automatic loggers are off: `result_loggers` adds back the two whose files we read (see there).
