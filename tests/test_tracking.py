@@ -110,6 +110,20 @@ def test_epoch_rows_of_runs_trained_at_once_share_requests_and_every_step_arrive
     assert {r.info.run_name: r.info.status for r in _runs(mlflow_store)}["a"] == "FINISHED"
 
 
+def test_a_step_reported_twice_in_one_batch_is_written_once_with_its_last_values(mlflow_store: str) -> None:
+    """PBT: an exploited trial re-runs an epoch from another trial's checkpoint and reports that epoch again, often
+    within the batching delay of its first report; MLflow must still hold one value per step (the sweep's files
+    keep the last report)."""
+    tracker = Tracker(TrackingConfig(), "exp", batch_s=30.0)
+    tracker.open_run("t", name="t", find={"ltsearch.trial_id": "t"})
+    for step, loss in ((0, 1.0), (1, 0.9), (2, 0.8), (2, 0.7), (3, 0.6)):
+        tracker.log_metrics("t", step, {"train/loss": loss})
+    assert tracker.close() == []
+    (run,) = _runs(mlflow_store)
+    history = MlflowClient(mlflow_store).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.9), (2, 0.7), (3, 0.6)]
+
+
 def test_an_unreachable_store_never_blocks_and_lists_what_was_not_written(capsys: pytest.CaptureFixture) -> None:
     tracker = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{_closed_port()}"), "exp", retry_s=0.5)
     start = time.monotonic()

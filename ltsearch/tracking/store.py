@@ -287,9 +287,13 @@ class Tracker:
         self.run_ids[key] = run_id
 
     def _epochs(self, key: str, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Epoch rows (step, metrics) in as few requests as MLflow allows; a step already in the store is skipped."""
+        """Epoch rows (step, metrics) in as few requests as MLflow allows; a step already in the store is skipped.
+
+        A step that comes twice in one batch (a PBT exploit re-running an epoch before the first report was sent) is
+        written once, with its last values, as the sweep's own files keep it.
+        """
         logged = self.logged_steps.setdefault(key, set())
-        fresh = [(step, values) for step, values in rows if step not in logged]
+        fresh = [(step, values) for step, values in dict(rows).items() if step not in logged]
         if fresh:
             self._batch(key, rows=fresh)
             logged.update(step for step, _ in fresh)
