@@ -229,6 +229,27 @@ def test_board_leaves_a_trunk_whose_trainer_it_cannot_look_up_to_the_stall_rule(
 
 # ================================================================================== sweeps
 @pytest.mark.slow
+def test_a_trunk_whose_snapshot_another_command_published_meanwhile_hands_it_on(ray_runtime, tmp_path, monkeypatch):
+    """Commands share the cache: between a run's look at it and its claim, another command may publish the snapshot.
+    The trunk then starts at the fork epoch, trains nothing, and must still tell its board the epoch is there
+    (before, its run claimed the trunk again, and again, without end)."""
+    from ltsearch.prefix.fork import _through_board, open_sharing, start_trainer
+
+    monkeypatch.setenv("LTSEARCH_CACHE", str(tmp_path / "cache"))
+    config = load_run_config(DIGITS, ["augmenter.name=safa", "train.epochs=4", "augmenter.start_epoch=2", "model.width=16",
+                                      "data.max_train_per_class=40", "data.max_eval_per_class=10"])
+    prefix = prefix_of(config)
+    start_trainer(config, open_sharing(str(tmp_path / "other"), True, 1))  # the other command trains and publishes it
+    mine = open_sharing(str(tmp_path / "mine"), True, 1)
+    found: list[Path] = []
+    claimant = threading.Thread(target=lambda: found.append(_through_board(prefix, mine, mine.store(), None)), daemon=True)
+    claimant.start()  # straight to the board, as if the snapshot had appeared just after start_trainer's look
+    claimant.join(timeout=120)
+    assert not claimant.is_alive(), "the run kept claiming a trunk whose snapshot is on disk"
+    assert found == [mine.store().directory(prefix.key) / f"epoch-{prefix.fork_epoch}.pt"]
+    assert ray.get(mine.board.summary.remote())[prefix.key]["epochs_trained"] == 0
+
+
 def test_sweep_trains_the_prefix_once_and_matches_the_unshared_sweep_bit_for_bit(ray_runtime, tmp_path):
     file = sweep_file(tmp_path, **SPACE)
     shared, log = run(tmp_path, "shared", file)

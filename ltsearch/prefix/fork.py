@@ -122,6 +122,9 @@ def _train_trunk(prefix: Prefix, sharing: PrefixSharing, store: PrefixStore, dat
     try:
         trainer = _trunk_trainer(prefix, store, data)
         plan = ray.get(board.progress.remote(prefix.key, token, trainer.epoch, None))
+        for epoch in plan["wanted"]:  # on disk already: another command sharing the cache published it since the claim
+            if epoch <= trainer.epoch and store.snapshot(prefix.key, epoch) is not None:
+                ray.get(board.published.remote(prefix.key, token, epoch))
         while trainer.epoch < plan["target"]:
             started = time.perf_counter()
             for _ in trainer.run(until=trainer.epoch + 1):
