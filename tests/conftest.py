@@ -23,6 +23,16 @@ def cifar_root() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def _each_test_is_its_own_command() -> None:
+    """The tracking writer tells each unreachable store once per process (one command may use several writers);
+    in this process every test is a command of its own. Without this, a test whose closed port an earlier test had
+    drawn too (bind(0) repeats ports) never heard "cannot reach" (seen once in CI)."""
+    from ltsearch.tracking import store
+
+    store._TOLD_AWAY.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """M2m's g and shared prefixes are cached in a temporary directory, never in ~/.cache (a test that expects
