@@ -16,10 +16,9 @@ import ray
 
 from ltsearch.config import RunConfig, build_run_config
 from ltsearch.errors import LtsearchError, TrainingDiverged
-from ltsearch.prefix import PREFIX_KEY
 from ltsearch.prefix.board import FAILED, READY, TRAIN
 from ltsearch.prefix.keys import Prefix, prefix_of
-from ltsearch.prefix.store import PrefixStore
+from ltsearch.prefix.store import PrefixStore, fork_from
 
 
 #: snapshots a trunk keeps besides its fork epochs (one every T/WAYPOINTS epochs): a trial asking for an epoch
@@ -81,7 +80,6 @@ def report_sharing(sharing: PrefixSharing | None, stream: Any) -> dict[str, Any]
 
 def start_trainer(config: RunConfig, sharing: PrefixSharing | None, data: Any = None) -> tuple[Any, Prefix | None]:
     """(trainer at the run's start, the prefix it was forked from or None when it trains from epoch 0)."""
-    from ltsearch.checkpoints import read_checkpoint
     from ltsearch.engine import Trainer
 
     prefix = prefix_of(config) if sharing is not None else None
@@ -90,8 +88,7 @@ def start_trainer(config: RunConfig, sharing: PrefixSharing | None, data: Any = 
     store = sharing.store()
     snapshot = store.snapshot(prefix.key, prefix.fork_epoch) or _through_board(prefix, sharing, store, data)
     trainer = Trainer(config, data=data)
-    trainer.load_prefix(read_checkpoint(snapshot), method_trains_before_start=prefix.trains_before_start)
-    trainer.history = [{**row, PREFIX_KEY: prefix.key} for row in trainer.history]  # which prefix, in history and tracking
+    fork_from(trainer, prefix, snapshot)
     sharing.board.forked.remote(prefix.key)
     return trainer, prefix
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ltsearch.prefix import PREFIX_KEY
 from ltsearch.prefix.keys import Prefix, prefix_of
-from ltsearch.prefix.store import PrefixStore
+from ltsearch.prefix.store import PrefixStore, fork_from
 
 if TYPE_CHECKING:
     from ltsearch.engine import Trainer
@@ -57,8 +56,5 @@ def share_locally(trainer: "Trainer", root: str | Path, cache: str | Path) -> Lo
     store = PrefixStore(root, cache)
     snapshot = store.snapshot(prefix.key, prefix.fork_epoch)
     if snapshot is not None:
-        from ltsearch.checkpoints import read_checkpoint
-
-        trainer.load_prefix(read_checkpoint(snapshot), method_trains_before_start=prefix.trains_before_start)
-        trainer.history = [{**row, PREFIX_KEY: prefix.key} for row in trainer.history]
+        fork_from(trainer, prefix, snapshot)
     return LocalSharing(prefix, store, snapshot)

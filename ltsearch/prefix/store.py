@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ltsearch.checkpoints import CHECKPOINT_FILE, link_or_copy, read_checkpoint, save_state
 from ltsearch.errors import CheckpointError
+from ltsearch.prefix import PREFIX_KEY
 from ltsearch.results import write_json
 
 if TYPE_CHECKING:
@@ -97,6 +98,13 @@ class PrefixStore:
         known = _read_json(path) or {"key": prefix.key, "method": prefix.method, "trunk": prefix.trunk, "snapshots": []}
         known["snapshots"] = sorted(set(known["snapshots"]) | {epoch})
         write_json(known, path)
+
+
+def fork_from(trainer: "Trainer", prefix: "Prefix", snapshot: Path) -> None:
+    """Continue a run's fresh `trainer` from `prefix`'s snapshot at its fork epoch (`Trainer.load_prefix`); its shared
+    epochs also carry the prefix key, which history and tracking read (MLflow logs them once, in the prefix's run)."""
+    trainer.load_prefix(read_checkpoint(snapshot), method_trains_before_start=prefix.trains_before_start)
+    trainer.history = [{**row, PREFIX_KEY: prefix.key} for row in trainer.history]
 
 
 def _trunk_epoch(folder: Path) -> int | None:
