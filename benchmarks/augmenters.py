@@ -32,7 +32,7 @@ TARGETS = {"smart": 1.10, "rsg": 1.10, "lcreg": 1.10, "safa": 1.25}
 
 
 def make_trainer(method: str, data, args) -> Trainer:
-    overrides = [f"data.root={args.data_root}", f"train.device={args.device}", f"augmenter.name={method}", "augmenter.start_epoch=0"]
+    overrides = [f"data.root={args.data_root}", f"train.device={args.device}", *args.overrides, f"augmenter.name={method}", "augmenter.start_epoch=0"]
     if method == "m2m":
         overrides += [f"augmenter.m2m.reference_epochs={args.m2m_reference_epochs}"]
     return Trainer(load_run_config(REPO / "configs" / "cifar10_lt.yaml", overrides), data=data)
@@ -47,11 +47,13 @@ def main() -> None:
     parser.add_argument("--m2m-reference-epochs", type=int, default=1, help="epochs of M2m's reference g (timing only)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.name=npz data.path=.bench/cifar10_lt.npz data.imbalance=1 (benchmarks.export_npz)")
     args = parser.parse_args()
     os.environ.setdefault("LTSEARCH_CACHE", tempfile.mkdtemp(prefix="ltsearch-bench-"))
 
     methods = args.methods.split(",")
-    base = load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}"])
+    base = load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}", *args.overrides])
     data = build_dataset(base.data)
     runs = {}
     for method in methods:
@@ -68,7 +70,8 @@ def main() -> None:
     trainer = runs[methods[0]][0]
     device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [f"### augmenters.py — {time.strftime('%Y-%m-%d')} — {device}",
-             f"`python -m benchmarks.augmenters --steps {args.steps} --rounds {args.rounds}` (ResNet-32, CIFAR-10-LT rho=100, batch 128, "
+             f"`python -m benchmarks.augmenters --steps {args.steps} --rounds {args.rounds}"
+             f"{' --set ' + ' '.join(args.overrides) if args.overrides else ''}` (ResNet-32, CIFAR-10-LT rho=100, batch 128, "
              f"active phase, default insertion point, median of {args.rounds} rounds)", "",
              "| method | insert_at | sampler | ms/step | ratio vs none | target |", "|---|---|---|---|---|---|"]
     for method in methods:

@@ -61,9 +61,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.name=npz data.path=.bench/cifar10_lt.npz data.imbalance=1 (benchmarks.export_npz)")
     args = parser.parse_args()
 
-    config = load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}", f"train.device={args.device}"])
+    config = load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}", f"train.device={args.device}", *args.overrides])
     trainer = Trainer(config)
     batch = config.optim.batch_size
     _, class_weights = trainer.begin_epoch()
@@ -79,7 +81,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
         f"### pipeline.py — {time.strftime('%Y-%m-%d')} — {device}",
-        f"`python -m benchmarks.pipeline --steps {args.steps} --rounds {args.rounds} --workers {args.workers}` "
+        f"`python -m benchmarks.pipeline --steps {args.steps} --rounds {args.rounds} --workers {args.workers}"
+        f"{' --set ' + ' '.join(args.overrides) if args.overrides else ''}` "
         f"(ResNet-32, CIFAR-10-LT rho=100, batch {batch}, median of {args.rounds} rounds)",
         "",
         "| pipeline | images/s |",
