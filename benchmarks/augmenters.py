@@ -38,6 +38,18 @@ def make_trainer(method: str, data, args) -> Trainer:
     return Trainer(load_run_config(REPO / "configs" / "cifar10_lt.yaml", overrides), data=data)
 
 
+def device_work(trainer: Trainer, stream, class_weights, steps: int) -> tuple[float, float]:
+    """(kernels (and copies), ms of their device time) per step, from the profiler: when the kernels fill only a small part
+    of the step, the step is bound by launching them from Python, and every extra op costs a launch, not FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_steps(trainer, stream, class_weights, steps)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time_total for e in kernels)
+    return len(kernels) / steps, busy_us / 1000 / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
@@ -47,6 +59,7 @@ def main() -> None:
     parser.add_argument("--m2m-reference-epochs", type=int, default=1, help="epochs of M2m's reference g (timing only)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also count kernel launches and kernel time per step (CUDA)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. data.name=npz data.path=.bench/cifar10_lt.npz data.imbalance=1 (benchmarks.export_npz)")
     args = parser.parse_args()
@@ -83,6 +96,12 @@ def main() -> None:
             target = f"<= {TARGETS[method]:.2f} {'ok' if ratio <= TARGETS[method] else 'MISSED'}" if method in TARGETS else "-"
         lines.append(f"| {method} | {trainer.augmenter.insert_at} | {sampler} | {1000 * step[method]:.1f} | {ratio:.2f} | {target} |")
     lines.append("")
+    if args.profile and trainer.device.type == "cuda":
+        lines += ["| method | kernels/step | kernel ms/step | kernel time / step time |", "|---|---|---|---|"]
+        for method, (trainer, stream, class_weights, _) in runs.items():
+            kernels, busy_ms = device_work(trainer, stream, class_weights, args.steps)
+            lines.append(f"| {method} | {kernels:.0f} | {busy_ms:.2f} | {busy_ms / (1000 * step[method]):.0%} |")
+        lines.append("")
     publish("\n".join(lines), args.write)
 
 

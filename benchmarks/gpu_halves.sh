@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_halves.sh timed   NPZ OUT   pipeline + augmenters + every method on the GPU + the CUDA test
 #   bash benchmarks/gpu_halves.sh packing NPZ OUT   packing through Ray (Ray and Optuna importable, e.g. from wheels)
+#   bash benchmarks/gpu_halves.sh check   NPZ OUT   only the loader tests on CUDA and the augmenter table (with launches)
 #
 # NPZ is CIFAR-10-LT exported by `python -m benchmarks.export_npz` (the CIFAR batches are larger than a
 # transfer allows); `timed` keeps a copy in /tmp so that the `packing` call on the same warm machine can
@@ -27,13 +28,17 @@ step() {  # step NAME LIMIT_S COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(), 'cpus', __import__('os').cpu_count())"
 
-if [ "$PART" = timed ]; then
+SETS=(--set data.name=npz "data.path=$NPZ" data.imbalance=1)
+if [ "$PART" = timed ] || [ "$PART" = check ]; then
   mkdir -p "$(dirname "$KEPT")" && cp "$NPZ" "$KEPT"
-  SETS=(--set data.name=npz "data.path=$NPZ" data.imbalance=1)
-  step cuda_test 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_data_loader.py -k cuda
+  step cuda_test 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_data_loader.py
+  step augmenters 150 "$PY" -m benchmarks.augmenters --device cuda --steps 40 --rounds 3 --profile "${SETS[@]}"
+fi
+if [ "$PART" = timed ]; then
   step pipeline 120 "$PY" -m benchmarks.pipeline --device cuda --steps 200 --rounds 3 --workers 8 "${SETS[@]}"
-  step augmenters 150 "$PY" -m benchmarks.augmenters --device cuda --steps 40 --rounds 3 "${SETS[@]}"
   step methods 150 "$PY" -m benchmarks.gpu_methods --device cuda --epochs 3 "${SETS[@]}"
+elif [ "$PART" = check ]; then
+  :
 elif [ "$PART" = packing ]; then
   export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"  # Ray's trial workers import ltsearch from the repo root
   if [ -f "$KEPT" ]; then
@@ -43,6 +48,6 @@ elif [ "$PART" = packing ]; then
     step packing 420 "$PY" -m benchmarks.packing --epochs 12 --counts 1 2 4 8
   fi
 else
-  echo "gpu_halves.sh: PART must be 'timed' or 'packing', got '$PART'" >&2
+  echo "gpu_halves.sh: PART must be 'timed', 'packing' or 'check', got '$PART'" >&2
   exit 2
 fi

@@ -56,6 +56,15 @@ def test_to_unit_range_scales_and_resizes():
     assert to_unit_range(images, 6).shape == (1, 1, 6, 6)
 
 
+def test_to_unit_range_is_the_correctly_rounded_division_and_keeps_a_cropped_batchs_layout():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    exact = torch.tensor([k / 255 for k in range(256)], dtype=torch.float64).float().view(1, 1, 16, 16)
+    assert torch.equal(to_unit_range(pixels, 16), exact)  # the float32 nearest to k/255, on every device
+    cropped = random_crop(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 5, (4, 2)), 2)
+    assert cropped.is_contiguous(memory_format=torch.channels_last)
+    assert to_unit_range(cropped, 8).is_contiguous(memory_format=torch.channels_last)  # convs run channels-last on CPU
+
+
 # ------------------------------------------------------------------------------------ the loader
 def test_unaugmented_epoch_is_the_sampler_order_of_the_training_images(digits):
     cfg = dataclasses.replace(CFG, augment="none")
