@@ -24,6 +24,7 @@ from ltsearch.config import load_run_config
 from ltsearch.data import build_dataset
 from ltsearch.engine import Trainer
 
+from benchmarks._options import overrides_flag, parse_with_overrides
 from benchmarks._results import publish
 from benchmarks._timing import endless_batches, time_steps
 
@@ -60,9 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also count kernel launches and kernel time per step (CUDA)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. data.name=npz data.path=.bench/cifar10_lt.npz data.imbalance=1 (benchmarks.export_npz)")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     os.environ.setdefault("LTSEARCH_CACHE", tempfile.mkdtemp(prefix="ltsearch-bench-"))
 
     methods = args.methods.split(",")
@@ -84,7 +83,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [f"### augmenters.py — {time.strftime('%Y-%m-%d')} — {device}",
              f"`python -m benchmarks.augmenters --steps {args.steps} --rounds {args.rounds}"
-             f"{' --set ' + ' '.join(args.overrides) if args.overrides else ''}` (ResNet-32, CIFAR-10-LT rho=100, batch 128, "
+             f"{overrides_flag(args.overrides)}` (ResNet-32, CIFAR-10-LT rho=100, batch 128, "
              f"active phase, default insertion point, median of {args.rounds} rounds)", "",
              "| method | insert_at | sampler | ms/step | ratio vs none | target |", "|---|---|---|---|---|---|"]
     for method in methods:

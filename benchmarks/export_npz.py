@@ -20,6 +20,8 @@ import numpy as np
 from ltsearch.config import load_run_config
 from ltsearch.data import build_dataset
 
+from benchmarks._options import parse_with_overrides
+
 
 def export(config_path: str, overrides: list[str], eval_per_class: int, out: Path) -> dict[str, int]:
     """Save train (whole), val and test (first `eval_per_class` of each class) of the run's data; return the sizes."""
@@ -42,10 +44,9 @@ def export(config_path: str, overrides: list[str], eval_per_class: int, out: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="run config whose data section to export, e.g. configs/cifar10_lt.yaml")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--eval-per-class", type=int, default=100, help="val and test images kept per class")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     sizes = export(args.config, args.overrides, args.eval_per_class, args.out)
     print(f"{args.out}: {sizes['train']} train, {sizes['val']} val, {sizes['test']} test images, "
           f"{args.out.stat().st_size / 2**20:.1f} MiB")

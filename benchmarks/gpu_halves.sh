@@ -12,6 +12,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=$1 NPZ=$2 OUT=$3
+case "$PART" in
+  timed|check|packing) ;;
+  *) echo "gpu_halves.sh: PART must be 'timed', 'packing' or 'check', got '$PART'" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 KEPT=/tmp/ltsearch-bench/cifar10_lt.npz
 mkdir -p "$OUT"
@@ -29,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(), 'cpus', __import__('os').cpu_count())"
 
 SETS=(--set data.name=npz "data.path=$NPZ" data.imbalance=1)
-if [ "$PART" = timed ] || [ "$PART" = check ]; then
+if [ "$PART" != packing ]; then
   mkdir -p "$(dirname "$KEPT")" && cp "$NPZ" "$KEPT"
   step cuda_test 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_data_loader.py
   step augmenters 150 "$PY" -m benchmarks.augmenters --device cuda --steps 40 --rounds 3 --profile "${SETS[@]}"
@@ -37,9 +41,8 @@ fi
 if [ "$PART" = timed ]; then
   step pipeline 120 "$PY" -m benchmarks.pipeline --device cuda --steps 200 --rounds 3 --workers 8 "${SETS[@]}"
   step methods 150 "$PY" -m benchmarks.gpu_methods --device cuda --epochs 3 "${SETS[@]}"
-elif [ "$PART" = check ]; then
-  :
-elif [ "$PART" = packing ]; then
+fi
+if [ "$PART" = packing ]; then
   export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"  # Ray's trial workers import ltsearch from the repo root
   if [ -f "$KEPT" ]; then
     step packing 420 "$PY" -m benchmarks.packing --config configs/cifar10_lt.yaml --epochs 6 --counts 1 2 4 8 \
@@ -47,7 +50,4 @@ elif [ "$PART" = packing ]; then
   else
     step packing 420 "$PY" -m benchmarks.packing --epochs 12 --counts 1 2 4 8
   fi
-else
-  echo "gpu_halves.sh: PART must be 'timed', 'packing' or 'check', got '$PART'" >&2
-  exit 2
 fi

@@ -23,6 +23,8 @@ from ltsearch.config import load_run_config
 from ltsearch.data import build_dataset
 from ltsearch.engine import Trainer
 
+from benchmarks._options import parse_with_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,8 +53,7 @@ def main() -> None:
     parser.add_argument("--methods", default="none,smart,safa,rsg,lcreg,m2m")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     os.environ.setdefault("LTSEARCH_CACHE", tempfile.mkdtemp(prefix="ltsearch-gpu-methods-"))
     data = build_dataset(load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}", *args.overrides]).data)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device

@@ -29,6 +29,7 @@ import torch
 from ltsearch.config import apply_overrides, read_yaml
 from ltsearch.tune import parse_sweep, run_sweep
 
+from benchmarks._options import overrides_flag, parse_with_overrides
 from benchmarks._results import publish
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,9 +69,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. data.name=npz data.path=.bench/cifar10_lt.npz data.imbalance=1 (benchmarks.export_npz)")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     if not torch.cuda.is_available():
         print("benchmarks/packing.py: no CUDA GPU visible; nothing measured")
         return
@@ -98,7 +97,7 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- command: `python -m benchmarks.packing{' --data-root ' + str(args.data_root) if args.data_root else ''}"
         f"{' --config ' + str(args.config) if args.config else ''} "
-        f"--epochs {args.epochs} --counts {' '.join(map(str, args.counts))}{' --set ' + ' '.join(args.overrides) if args.overrides else ''} --write`",
+        f"--epochs {args.epochs} --counts {' '.join(map(str, args.counts))}{overrides_flag(args.overrides)} --write`",
         f"- data: {data}; median images/s per trial over epochs 2..{args.epochs}",
         "",
         "| trials on the GPU | resources.gpu | aggregate images/s | x one trial | per trial |",

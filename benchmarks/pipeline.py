@@ -22,6 +22,7 @@ from torchvision import transforms
 from ltsearch.config import load_run_config
 from ltsearch.engine import Trainer
 
+from benchmarks._options import overrides_flag, parse_with_overrides
 from benchmarks._results import publish
 from benchmarks._timing import endless_batches, time_steps
 
@@ -61,9 +62,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write", action="store_true", help="append the result to benchmarks/RESULTS.md")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. data.name=npz data.path=.bench/cifar10_lt.npz data.imbalance=1 (benchmarks.export_npz)")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
 
     config = load_run_config(REPO / "configs" / "cifar10_lt.yaml", [f"data.root={args.data_root}", f"train.device={args.device}", *args.overrides])
     trainer = Trainer(config)
@@ -82,7 +81,7 @@ def main() -> None:
     lines = [
         f"### pipeline.py — {time.strftime('%Y-%m-%d')} — {device}",
         f"`python -m benchmarks.pipeline --steps {args.steps} --rounds {args.rounds} --workers {args.workers}"
-        f"{' --set ' + ' '.join(args.overrides) if args.overrides else ''}` "
+        f"{overrides_flag(args.overrides)}` "
         f"(ResNet-32, CIFAR-10-LT rho=100, batch {batch}, median of {args.rounds} rounds)",
         "",
         "| pipeline | images/s |",

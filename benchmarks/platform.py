@@ -41,6 +41,7 @@ import subprocess
 import tempfile
 import time
 
+from benchmarks._options import parse_with_overrides
 from benchmarks._results import publish
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,11 +127,10 @@ def report(file: str, overrides: list[str], rounds: int, result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", default="search_spaces/quickstart.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
     parser.add_argument("--loop", type=Path, help=argparse.SUPPRESS)  # the baseline's own process
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     if args.loop:
         plain_loop(args.loop)
         return

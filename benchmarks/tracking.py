@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._options import parse_with_overrides
 from benchmarks._results import publish
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +77,9 @@ def report(file: str, overrides: list[str], rounds: int, result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", default="search_spaces/quickstart.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--write", action="store_true", help="append the section to benchmarks/RESULTS.md")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     work = Path(tempfile.mkdtemp(prefix="ltsearch-tracking-"))
     try:
         result = measure(args.file, args.overrides, args.rounds, work)
