@@ -231,7 +231,12 @@ class TrainConfig:
     """Length, seed and device of one run. `seed` drives init, sampling and augmentation (not the split).
 
     `init_from` warm-starts the backbone's weights (only) from a finished run, e.g. to switch a method
-    on over a trained network at a decayed lr."""
+    on over a trained network at a decayed lr.
+
+    `select_epochs` says which epochs the best-val epoch is chosen from: `active` (default) those where the
+    method acts, epoch >= its start epoch T (every epoch for a run without a method), so a method's reported
+    result is never an epoch of the trunk it shares with its baseline; `all` every epoch (the rule before;
+    an ablation matrix then marks a cell whose selected epoch precedes its method's start)."""
 
     epochs: int = 10
     seed: int = 0
@@ -241,6 +246,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     threads: int | None = None
     select_metric: str = "val/top1"
+    select_epochs: Literal["active", "all"] = "active"
     init_from: str | None = None
 
     def validate(self, where: str) -> None:

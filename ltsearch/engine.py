@@ -34,7 +34,7 @@ from ltsearch.checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, PREVIOUS_C
 from ltsearch.config import RunConfig, build_run_config, to_dict
 from ltsearch.data import LongTailData, build_dataset, create_train_loader, eval_batches
 from ltsearch.divergence import DivergenceGuard
-from ltsearch.epochs import EpochResult
+from ltsearch.epochs import SELECTABLE, EpochResult
 from ltsearch.errors import CheckpointError, ConfigError
 from ltsearch.losses import class_weights_for_epoch, create_loss, sampler_for_epoch
 from ltsearch.metrics import classification_metrics
@@ -297,20 +297,35 @@ class Trainer:
 
     def run(self, until: int | None = None) -> Iterator[EpochResult]:
         """Train from `self.epoch` to the end (or to epoch `until`), yielding after each epoch (train, val and test metrics)."""
-        select = self.config.train.select_metric
         end = self.config.train.epochs if until is None else min(until, self.config.train.epochs)
         while self.epoch < end:
             metrics = {"epoch": self.epoch, **self.train_epoch(), **self.evaluate("val"), **self.evaluate("test")}
-            score = metrics.get(select)
-            is_best = score is not None and (not self.best or score > self.best["score"])
-            if is_best:
-                self.best = {"score": score, "epoch": self.epoch, "metrics": metrics}
-            legacy = max(metrics.get("test/top1", float("-inf")), self.best.get("legacy/best_test_top1", float("-inf")))
-            self.best["legacy/best_test_top1"] = legacy
-            metrics["legacy/best_test_top1"] = legacy
+            is_best = self._judge(metrics)
             self.history.append(metrics)
             self.epoch += 1
             yield EpochResult(epoch=self.epoch - 1, metrics=metrics, is_best=is_best, trainer=self)
+
+    @property
+    def selection_start(self) -> int:
+        """The first epoch the run's best may be chosen from (`train.select_epochs`).
+
+        `active`: the method's start epoch T, so a method's result is always an epoch where it acted, never an
+        epoch of the trunk it shares with its baseline; 0 for a run without a method. `all`: every epoch.
+        """
+        return 0 if self.config.train.select_epochs == "all" else self.augmenter.selection_start
+
+    def _judge(self, metrics: dict[str, Any]) -> bool:
+        """Mark the epoch `selectable` or not, keep the running best-val epoch among selectable ones and the
+        legacy best-test number over all epochs; True when this epoch is the new best."""
+        score = metrics.get(self.config.train.select_metric)
+        metrics[SELECTABLE] = int(metrics["epoch"] >= self.selection_start)
+        is_best = bool(metrics[SELECTABLE]) and score is not None and ("score" not in self.best or score > self.best["score"])
+        legacy = max(metrics.get("test/top1", float("-inf")), self.best.get("legacy/best_test_top1", float("-inf")))
+        if is_best:
+            self.best = {"score": score, "epoch": metrics["epoch"], "metrics": metrics}
+        self.best["legacy/best_test_top1"] = legacy
+        metrics["legacy/best_test_top1"] = legacy
+        return is_best
 
     # ----------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -336,11 +351,12 @@ class Trainer:
     def load_prefix(self, state: dict[str, Any], *, method_trains_before_start: bool) -> None:
         """Continue from a shared prefix's state at its fork epoch T as if this run had trained [0, T) itself.
 
-        The backbone, loader, global RNG, step, history and best are the prefix's: by the prefix key they
-        are what this run would have reached. The method's modules, optimiser slots and random stream are
-        the prefix's only when the method changes them before T (`BeforeStart.trains`); otherwise this
-        run keeps its own freshly built ones, which is what it would have had at T (a post-T knob may even
-        change their shapes). The prefix's epochs are marked `prefix/shared` in the history.
+        The backbone, loader, global RNG, step and history are the prefix's: by the prefix key they are what
+        this run would have reached; its best epoch so far is chosen again from that history by this run's
+        own selection rule (whichever run trained the trunk, with or without a method, held it idle). The
+        method's modules, optimiser slots and random stream are the prefix's only when the method changes
+        them before T (`BeforeStart.trains`); otherwise this run keeps its own freshly built ones, which is
+        what it would have had at T (a post-T knob may even change their shapes). The prefix's epochs are marked `prefix/shared` in the history.
         """
         self.model.load_state_dict(state["model"])
         self.loader.load_state_dict(state["loader"])
@@ -353,8 +369,11 @@ class Trainer:
             self.optimizer.load_state_dict(_backbone_optimizer_state(state["optimizer"], self.optimizer.state_dict(),
                                                                      len(list(self.model.parameters()))))
         self.epoch, self.step = state["epoch"], state["step"]
-        self.best = state["best"]
-        self.history = [{**row, SHARED_PREFIX: 1} for row in state["history"]]
+        self.best, self.history = {}, []
+        for row in state["history"]:  # judged again by this run's own rule: the trunk's method, or none, held it idle
+            row = {**row, SHARED_PREFIX: 1}
+            self._judge(row)
+            self.history.append(row)
 
     def save_checkpoint(self, directory: str | Path, *, keep_previous: bool = True) -> Path:
         """Durably write `directory/checkpoint.pt` (`save_state`: a crash never leaves a torn one); with `keep_previous`

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:
     from ltsearch.engine import Trainer
 
+#: epoch-row column: 1 on the epochs a run may select its best from (`train.select_epochs`), 0 before its method started
+SELECTABLE = "selectable"
+
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numeric metrics of an epoch row (not its per-class lists, strings, None or booleans)."""

@@ -93,7 +93,7 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
     import ray
 
     from ltsearch.checkpoints import CHECKPOINT_FILE
-    from ltsearch.engine import Trainer, summarize
+    from ltsearch.engine import Trainer, method_start_epoch, summarize
 
     run = plan.runs[config[RUN_KEY]]
     run_config = plan.run_config(run)
@@ -128,5 +128,6 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
         return
     summary = summarize(trainer)
     write_json({"status": "completed", "epochs": trainer.epoch, "best_epoch": summary["best_epoch"], "select_metric": summary["select_metric"],
+                "select_epochs": run_config.train.select_epochs, "method_start": method_start_epoch(run_config),
                 "metrics": summary["best"], "legacy/best_test_top1": summary["legacy/best_test_top1"], CLASS_COUNTS: counts, "seconds": time.time() - started},
                where / RESULT_FILE)

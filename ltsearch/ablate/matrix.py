@@ -43,6 +43,7 @@ class RunResult:
     data_seed: int
     status: str
     metrics: dict[str, float]
+    before_method: bool = field(default=False, kw_only=True)  # its best-val epoch precedes its method's start epoch
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -74,7 +75,9 @@ class Cell:
     """The completed values of one (row, column), in the displayed orientation, in `seeds` order.
 
     `seeds` (added) holds the (train_seed, data_seed) pair of each value, so a reader can pair them.
-    Runs neither completed nor failed are pending: `expected - n - failed`.
+    Runs neither completed nor failed are pending: `expected - n - failed`. `before_method` counts the values
+    whose best-val epoch lies before the row's method started (possible only with `train.select_epochs: all`):
+    there the cell shows the trunk the method shares with its baseline, not the method.
     """
 
     row: str
@@ -87,6 +90,7 @@ class Cell:
     best: bool
     failed: int
     seeds: tuple[SeedPair, ...] = field(kw_only=True)
+    before_method: int = field(default=0, kw_only=True)
 
     @property
     def n(self) -> int:
@@ -141,9 +145,11 @@ def build_matrix(results: Sequence[RunResult], *, rows: Sequence[str], columns: 
         best = _best_rows({row: v for row, v in values.items() if v}, better, decimals)
         base = values[baseline] if baseline is not None else None
         for row in rows:
-            failed = sum(runs[key].status == "error" for key in ((row, column, s) for s in seeds) if key in runs)
+            own = [runs[key] for key in ((row, column, s) for s in seeds) if key in runs]
+            failed = sum(run.status == "error" for run in own)
+            early = sum(run.status == "completed" and run.before_method for run in own)
             diff = _paired_diff(values[row], base, seeds) if base is not None and row != baseline else None
-            cells[(row, column)] = _cell(row, column, values[row], len(seeds), diff, row in best, failed)
+            cells[(row, column)] = _cell(row, column, values[row], len(seeds), diff, row in best, failed, early)
     return Matrix(metric, fmt, rows, columns, baseline, cells, higher_is_better=better, decimals=decimals)
 
 
@@ -203,11 +209,12 @@ def _best_rows(means_by_row: dict[str, dict[SeedPair, float]], higher_is_better:
 
 
 def _cell(row: str, column: str, values: dict[SeedPair, float], expected: int, diff: PairedDiff | None,
-          best: bool, failed: int) -> Cell:
+          best: bool, failed: int, before_method: int) -> Cell:
     array = np.array(list(values.values()), dtype=float)
     mean = float(array.mean()) if array.size else None
     std = float(array.std(ddof=1)) if array.size >= 2 else None
-    return Cell(row, column, tuple(array.tolist()), expected, mean, std, diff, best, failed, seeds=tuple(values))
+    return Cell(row, column, tuple(array.tolist()), expected, mean, std, diff, best, failed, seeds=tuple(values),
+                before_method=before_method)
 
 
 def _paired_diff(cell: dict[SeedPair, float], base: dict[SeedPair, float], seeds: tuple[SeedPair, ...]) -> PairedDiff | None:

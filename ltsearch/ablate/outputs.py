@@ -43,15 +43,25 @@ def collect(ablation: Ablation, directory: str) -> tuple[list[RunResult], list[d
         result = read_result(directory, run.run_id)
         status = result["status"] if result else "pending"
         metrics = {k: float(v) for k, v in ((result or {}).get("metrics") or {}).items() if _number(v)}
-        results.append(RunResult(run.row, run.column, run.train_seed, run.data_seed, status, metrics if status == "completed" else {}))
+        results.append(RunResult(run.row, run.column, run.train_seed, run.data_seed, status, metrics if status == "completed" else {},
+                                 before_method=_before_method(result)))
         records.append(_record(run, status, result, metrics))
     return results, records
 
 
+def _before_method(result: dict[str, Any] | None) -> bool:
+    """Whether the run's best-val epoch precedes its method's start epoch (results before this field: unknown, False)."""
+    best, start = (result or {}).get("best_epoch"), (result or {}).get("method_start")
+    return best is not None and start is not None and best < start
+
+
 def _record(run: Run, status: str, result: dict[str, Any] | None, metrics: dict[str, float]) -> dict[str, Any]:
+    result = result or {}
     return {"kind": "run", "row": run.row, "column": run.column, "train_seed": run.train_seed, "data_seed": run.data_seed,
-            "run_id": run.run_id, "status": status, "epochs": (result or {}).get("epochs"), "best_epoch": (result or {}).get("best_epoch"),
-            "error": (result or {}).get("error"), "legacy/best_test_top1": (result or {}).get("legacy/best_test_top1"), **metrics}
+            "run_id": run.run_id, "status": status, "epochs": result.get("epochs"), "best_epoch": result.get("best_epoch"),
+            "method_start": result.get("method_start"), "select_epochs": result.get("select_epochs"),
+            "before_method": _before_method(result), "error": result.get("error"),
+            "legacy/best_test_top1": result.get("legacy/best_test_top1"), **metrics}
 
 
 def matrices(ablation: Ablation, results: list[RunResult]) -> dict[str, Matrix]:

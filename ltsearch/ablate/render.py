@@ -6,7 +6,8 @@ Conventions (the same in every text format, explained by a one-line legend under
   paired difference to the baseline row with its 95 % paired-t interval, † when that excludes 0. One
   pair gives `Δ +3.10 (1 pair)`: no interval, never marked. The best mean per column is bold.
 - n is implied (the legend states N per cell) and printed only where it differs, `(n=2/3)`, or for
-  every cell with `show_n=True`. A cell without a completed run reads `—` (pending) or `failed`.
+  every cell with `show_n=True`. `(‡2/3 before the method)` marks a cell where that many runs selected an
+  epoch before their method started (only with `train.select_epochs: all`). A cell without a completed run reads `—` (pending) or `failed`.
 - Published numbers (`reference`, {row: {column: value}}, in the displayed orientation, i.e. as the
   paper prints them) go in a row `<variant> (paper)` right under the variant, so ours and theirs sit
   one above the other; `source` (required with them) is cited in the legend. They are never bold.
@@ -37,15 +38,16 @@ class _Style:
     pm: str
     delta: str
     dagger: str
+    ddagger: str
     dash: str
     minus: str
     diff_sep: str
 
 
-_MARKDOWN = _Style(lambda s: s.replace("|", r"\|"), lambda s: f"**{s}**", " ± ", "Δ", "†", "—", "-", "; ")
+_MARKDOWN = _Style(lambda s: s.replace("|", r"\|"), lambda s: f"**{s}**", " ± ", "Δ", "†", "‡", "—", "-", "; ")
 _LATEX = _Style(lambda s: "".join(_LATEX_SPECIALS.get(ch, ch) for ch in s), lambda s: rf"\textbf{{{s}}}",
-                r" $\pm$ ", r"$\Delta$", r"$^\dagger$", "---", "$-$", "; ")
-_HTML = _Style(html.escape, lambda s: f"<strong>{s}</strong>", " ± ", "Δ", "†", "—", "-", "<br>")
+                r" $\pm$ ", r"$\Delta$", r"$^\dagger$", r"$^\ddagger$", "---", "$-$", "; ")
+_HTML = _Style(html.escape, lambda s: f"<strong>{s}</strong>", " ± ", "Δ", "†", "‡", "—", "-", "<br>")
 
 
 def to_markdown(matrix: Matrix, reference: Reference | None = None, source: str | None = None, *,
@@ -145,7 +147,7 @@ def heatmap_png(matrix: Matrix) -> bytes:
     return buffer.getvalue()
 
 
-_PLAIN = _Style(lambda s: s, lambda s: s, " ± ", "Δ", "†", "—", "-", "; ")
+_PLAIN = _Style(lambda s: s, lambda s: s, " ± ", "Δ", "†", "‡", "—", "-", "; ")
 
 
 def _heat_values(matrix: Matrix) -> tuple[list[list[float]], str, tuple[float, float], str]:
@@ -223,6 +225,7 @@ def _cell_text(matrix: Matrix, cell: Cell, s: _Style, show_n: bool) -> str:
     text = s.bold(text) if cell.best else text
     notes = [f"n={cell.n}/{cell.expected}"] if cell.partial else [f"n={cell.n}"] if show_n else []
     notes += [f"{cell.failed} failed"] if cell.failed else []
+    notes += [f"{s.ddagger}{cell.before_method}/{cell.n} before the method"] if cell.before_method else []
     text += f" ({', '.join(notes)})" if notes else ""
     if cell.diff is None:
         return text
@@ -255,7 +258,11 @@ def _legend(matrix: Matrix, s: _Style, source: str | None) -> str:
         parts.append(f"{s.delta}: paired difference to the baseline {s.escape(matrix.baseline)} (same column, same seeds), "
                      f"a {better} {s.delta} is an improvement; {s.escape('[95% paired-t interval]')}, {s.dagger}: it excludes 0; "
                      "(1 pair): no interval")
-    parts.append("bold: best mean per column. Values: test metrics at each run's best-val epoch (selected on val, never on test)")
+    parts.append("bold: best mean per column. Values: test metrics at each run's best-val epoch (selected on val, never on test; "
+                 "a method that starts at epoch T selects among epochs >= T unless train.select_epochs is all)")
+    if any(cell.before_method for cell in matrix.cells.values()):
+        parts.append(f"({s.ddagger}k/n before the method): in k of the cell's n runs the best-val epoch precedes the method's start "
+                     "(train.select_epochs: all), so those values are the trunk shared with the baseline, not the method")
     if source:
         parts.append(f"(paper) rows: published numbers from {s.escape(source)}, not re-run")
     return ". ".join(parts) + "."

@@ -23,6 +23,7 @@ from ltsearch.ablate.settings import Ablation, parse_ablation
 from ltsearch.ablate.tracking import AblationTracking
 from ltsearch.errors import ConfigError
 from ltsearch.prefix.fork import open_sharing, report_sharing
+from ltsearch.prefix.keys import method_prefix_keys
 from ltsearch.tracking.store import prewarm
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import _absolute
@@ -118,7 +119,8 @@ def _fit(ablation: Ablation, plan: CellPlan, launch: Launch, data: dict[str, Any
 
     datasets = {key: ray.put(value) for key, value in data.items()}  # once each in the object store, for all runs
     resources = ablation.execution.resources
-    sharing = open_sharing(launch.directory, ablation.execution.share_prefix, ablation.execution.checkpoint.every)
+    baseline_keys = method_prefix_keys(plan.run_config(run) for run in plan.runs.values())
+    sharing = open_sharing(launch.directory, ablation.execution.share_prefix, ablation.execution.checkpoint.every, baseline_keys)
     trainable = tune.with_resources(tune.with_parameters(train_cell, plan=plan, datasets=datasets, sharing=sharing),
                                     {"cpu": resources.cpu, "gpu": resources.gpu})
     objective = Objective(metric="val/top1", mode="max")

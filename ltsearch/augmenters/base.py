@@ -252,6 +252,11 @@ class Augmenter(nn.Module):
     def active(self, epoch: int) -> bool:
         return epoch >= self.start_epoch
 
+    @property
+    def selection_start(self) -> int:
+        """The first epoch where a run's result shows the method (`train.select_epochs: active`): T_th."""
+        return self.start_epoch
+
     def forward(self, feats: torch.Tensor, labels: torch.Tensor, state: TrainState) -> AugmentOutput:
         if self.active(state.epoch):
             return self.augment(feats, labels, state)
@@ -301,9 +306,20 @@ class Augmenter(nn.Module):
         return AugmentOutput(feats, labels)
 
 
-@AUGMENTERS.register("none", defaults={"insert_at": -1, "start_fraction": 0.0, "head_ratio": 0.5})
+@AUGMENTERS.register("none", defaults={"insert_at": -1, "start_fraction": 0.8, "head_ratio": 0.5},
+                     before_start=BeforeStart(keys=(), trains=False))
 class NoAugmenter(Augmenter):
-    """Plain training: the engine's baseline, so runs with and without a method share one code path."""
+    """Plain training: the engine's baseline, so runs with and without a method share one code path.
+
+    It never acts, so its "start epoch" only says where a baseline leaves a shared trunk (`ltsearch.prefix`):
+    by default 160/200 of the epochs, the T_th at which the deferred methods (RSG, SAFA, M2m) switch on, so
+    the baseline row of an ablation forks from their trunk instead of training [0, T) again. It selects its
+    best epoch from all of them (`selection_start` 0): there is no method to wait for.
+    """
+
+    @property
+    def selection_start(self) -> int:
+        return 0
 
 
 def resolve_insert_at(name: str, insert_at: int | None, num_boundaries: int, input_only: bool) -> int:

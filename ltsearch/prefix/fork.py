@@ -17,7 +17,7 @@ import ray
 from ltsearch.config import RunConfig, build_run_config
 from ltsearch.errors import LtsearchError, TrainingDiverged
 from ltsearch.prefix.board import FAILED, READY, TRAIN
-from ltsearch.prefix.keys import Prefix, prefix_of
+from ltsearch.prefix.keys import Prefix, shared_prefix_of
 from ltsearch.prefix.store import PrefixStore, fork_from
 
 
@@ -38,15 +38,18 @@ class PrefixSharing:
     cache: str | None
     board: Any  # the PrefixBoard actor handle
     checkpoint_every: int
+    baseline_keys: frozenset[str] | None = frozenset()  # the trunks a run without a method may fork (None: any)
 
     def store(self) -> PrefixStore:
         return PrefixStore(self.root, self.cache)
 
 
-def open_sharing(directory: str, enabled: bool, checkpoint_every: int) -> PrefixSharing | None:
+def open_sharing(directory: str, enabled: bool, checkpoint_every: int,
+                 baseline_keys: frozenset[str] | None = frozenset()) -> PrefixSharing | None:
     """The sharing of one sweep or ablation (call inside its Ray session), or None when it is switched off.
 
-    Prefixes go to `<directory>/prefixes/`; a directory that is a URI (s3://...) cannot hold them, so they
+    `baseline_keys` are the trunks a run without a method forks (`keys.shared_prefix_of`): those of the method
+    runs of an ablation, any (None) in a sweep that can draw a method idle before T. Prefixes go to `<directory>/prefixes/`; a directory that is a URI (s3://...) cannot hold them, so they
     then live in the cache alone (set LTSEARCH_CACHE to storage every node mounts for a multi-node sweep).
     """
     if not enabled:
@@ -56,7 +59,7 @@ def open_sharing(directory: str, enabled: bool, checkpoint_every: int) -> Prefix
 
     cache = str(default_cache_dir())
     return PrefixSharing(root=cache if "://" in directory else directory, cache=cache, board=create_board(),
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, baseline_keys=baseline_keys)
 
 
 def report_sharing(sharing: PrefixSharing | None, stream: Any) -> dict[str, Any] | None:
@@ -82,7 +85,7 @@ def start_trainer(config: RunConfig, sharing: PrefixSharing | None, data: Any = 
     """(trainer at the run's start, the prefix it was forked from or None when it trains from epoch 0)."""
     from ltsearch.engine import Trainer
 
-    prefix = prefix_of(config) if sharing is not None else None
+    prefix = shared_prefix_of(config, sharing.baseline_keys) if sharing is not None else None
     if prefix is None:
         return Trainer(config, data=data), None
     store = sharing.store()

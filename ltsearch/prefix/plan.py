@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ltsearch.config import RunConfig
-from ltsearch.prefix.keys import prefix_of
+from ltsearch.prefix.keys import method_prefix_keys, shared_prefix_of
 
 
 @dataclass
@@ -38,10 +38,12 @@ class SharingPlan:
     @classmethod
     def of(cls, configs: Iterable[RunConfig]) -> "SharingPlan":
         plan = cls()
+        configs = list(configs)
+        baseline_keys = method_prefix_keys(configs)
         for config in configs:
             plan.runs += 1
             plan.epochs_alone += config.train.epochs
-            prefix = prefix_of(config)
+            prefix = shared_prefix_of(config, baseline_keys)
             if prefix is None:
                 plan.epochs_shared += config.train.epochs
                 continue
@@ -85,6 +87,16 @@ def sampled_sweep_configs(sweep: Any) -> list[RunConfig]:
             study.enqueue_trial(dict(cell))
     points = [sweep.space.sample(study.ask()) for _ in range(sweep.num_trials)]
     return [build_run_config(apply_point(sweep.base, point)) for point in points]
+
+
+def sweep_methods(sweep: Any) -> list[str]:
+    """The methods a sweep's trials can use: the searched `augmenter.name` choices, else the base config's method."""
+    from ltsearch.config import build_run_config
+
+    for param in sweep.space.params:
+        if param.key == "augmenter.name":
+            return [str(value) for value in param.dist.values()]
+    return [build_run_config(sweep.base).augmenter.name]
 
 
 def ablation_configs(ablation: Any) -> list[RunConfig]:

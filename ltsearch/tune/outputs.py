@@ -15,6 +15,7 @@ from typing import Any
 import pandas
 
 from ltsearch.config import dump_yaml
+from ltsearch.epochs import SELECTABLE
 from ltsearch.results import location_exists, read_text_from, write_table_to, write_text_to
 from ltsearch.tracking.record import CLASS_COUNTS
 from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, TRIALS_FILE, _join
@@ -126,6 +127,8 @@ def _trial_row(trial_id: str, result: Any, rows: list[dict[str, Any]], plan: Tri
     status = "error" if result.error else "completed" if epochs >= planned else "stopped" if (result.metrics or {}).get("done") else "unfinished"
     best = None
     for row in rows:
+        if not row.get(SELECTABLE, 1):  # an epoch before the trial's method started (`train.select_epochs: active`)
+            continue
         if best is None or sweep.objective.better(row.get(sweep.objective.metric), best.get(sweep.objective.metric)):
             best = row
     metric_keys = [k for k in (rows[-1] if rows else {}) if k not in (EPOCHS, "node_id", "epoch", CLASS_COUNTS) and not k.startswith("best/")]

@@ -15,6 +15,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ltsearch.config import build_run_config
 from ltsearch.errors import ConfigError
 from ltsearch.prefix.fork import open_sharing, report_sharing
+from ltsearch.prefix.keys import baselines_share
+from ltsearch.prefix.plan import sweep_methods
 from ltsearch.results import location_exists, read_text_from, write_text_to
 from ltsearch.tracking.record import data_tags
 from ltsearch.tracking.store import prewarm
@@ -123,7 +125,8 @@ def _trainable(sweep: Sweep, directory: str, stream: Any) -> tuple[Any, dict[str
     else:
         print("note: the space changes data.* keys, so every trial builds its own dataset", file=stream)
     resources = sweep.execution.resources
-    sharing = open_sharing(directory, sweep.execution.share_prefix, sweep.execution.checkpoint.every)
+    baseline_keys = None if baselines_share(sweep_methods(sweep)) else frozenset()  # trials are drawn as it runs: any trunk
+    sharing = open_sharing(directory, sweep.execution.share_prefix, sweep.execution.checkpoint.every, baseline_keys)
     trainable = tune.with_resources(tune.with_parameters(train_trial, plan=_plan(sweep, sharing), data=data),
                                     {"cpu": resources.cpu, "gpu": resources.gpu})
     return trainable, data_tags(data.construction if data is not None else None), sharing

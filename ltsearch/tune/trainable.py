@@ -12,7 +12,7 @@ import ray
 from ray import tune
 
 from ltsearch.config import build_run_config
-from ltsearch.epochs import scalars
+from ltsearch.epochs import SELECTABLE, scalars
 from ltsearch.prefix import PREFIX_KEY
 from ltsearch.prefix.fork import PrefixSharing, start_trainer
 from ltsearch.space import Point, apply_point
@@ -88,6 +88,8 @@ class _Reporter:
         self.best = None
 
     def track_best(self, row: dict[str, Any]) -> None:
+        if not row.get(SELECTABLE, 1):  # before the method started (`train.select_epochs: active`)
+            return
         value = row.get(self.objective.metric)
         self.best = value if self.objective.better(value, self.best) else self.best
 
