@@ -102,10 +102,14 @@ def reference_config(config: RunConfig, epochs: int | None) -> RunConfig:
     return build_run_config(raw)
 
 
+REFERENCE_FORMAT = 2
+
+
 def reference_key(config: RunConfig) -> str:
-    """Cache key of g: everything that changes what plain ERM learns (data, model, optim, train)."""
+    """Cache key of g: everything that changes what plain ERM learns (data, model, optim, train), and the format:
+    format 2 builds the data from exact long-tail counts, so a g cached from CPU-dependent counts is never reused."""
     raw = to_dict(config)
-    payload = {k: raw[k] for k in ("data", "model", "optim", "train")}
+    payload = {"format": REFERENCE_FORMAT, **{k: raw[k] for k in ("data", "model", "optim", "train")}}
     payload["train"] = {k: v for k, v in payload["train"].items() if k not in ("device", "eval_batch_size", "threads")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

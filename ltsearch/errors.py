@@ -118,3 +118,8 @@ class StorageError(LtsearchError):
     """
 
     exit_code = 4
+
+
+class DataMismatch(DataError):
+    """A trial holds other images than were recorded for it (the driver's data fingerprints, or its own
+    checkpoint's): it stops rather than train, or resume, on a different subset than the run reports."""

@@ -12,7 +12,7 @@ import torch
 
 from ltsearch.config import DataConfig, build_run_config
 from ltsearch.data import LongTailData, Split, build_dataset
-from ltsearch.data.longtail import exp_counts, first_indices, ldam_indices, m2m_exp_counts, step_counts
+from ltsearch.data.longtail import CONSTRUCTIONS, exp_counts, first_indices, ldam_indices, step_counts
 from ltsearch.data.splits import cap_per_class, ceil_fraction, rank_within_class, take_first_per_class
 from ltsearch.errors import ConfigError
 
@@ -27,15 +27,18 @@ def test_exp_profile_matches_the_ldam_drw_reference_counts():
 def test_exp_profile_follows_the_closed_form():
     counts = exp_counts(500, 100, 50.0)
     assert counts[0] == 500 and counts[-1] == 10
-    assert counts == [int(500 * (1 / 50) ** (i / 99)) for i in range(100)]
+    # n_i = ⌊500 · 50^(−i/99)⌋: the largest k with k^99 · 50^i ≤ 500^99 (test_data_longtail.py pins every list)
+    assert all(k ** 99 * 50 ** i <= 500 ** 99 < (k + 1) ** 99 * 50 ** i for i, k in enumerate(counts))
     assert all(a >= b for a, b in zip(counts, counts[1:]))
 
 
-def test_m2m_counts_follow_its_own_closed_form_and_differ_from_ldam_by_rounding():
-    """M2m: μ = (1/ρ)^(1/(C-1)), n_i = int(n_max·μ^i). CIFAR-100 ρ=100: 10,846, one fewer than LDAM's 10,847."""
-    assert sum(m2m_exp_counts(500, 100, 100.0)) == 10_846 and sum(exp_counts(500, 100, 100.0)) == 10_847
-    assert sum(m2m_exp_counts(5000, 10, 50.0)) == 13_995 and sum(exp_counts(5000, 10, 50.0)) == 13_996
-    assert m2m_exp_counts(5000, 10, 50.0)[-1] == 99 and exp_counts(5000, 10, 50.0)[-1] == 100
+def test_m2m_counts_are_the_exact_counts_on_every_cpu():
+    """M2m's μ^i = (1/ρ)^(i/(C-1)) is the same real number, so its construction takes the exact counts:
+    13,996 at CIFAR-10 ρ=50 and 10,847 at CIFAR-100 ρ=100 (its float code gives 13,995 / 10,846 on some CPUs)."""
+    for img_max, num_classes, imbalance, total in [(5000, 10, 50.0, 13_996), (500, 100, 100.0, 10_847)]:
+        counts = CONSTRUCTIONS["m2m"].counts["exp"](img_max, num_classes, imbalance)
+        assert counts == exp_counts(img_max, num_classes, imbalance) and sum(counts) == total
+    assert set(CONSTRUCTIONS["m2m"].counts) == {"exp"} and CONSTRUCTIONS["m2m"].pick is first_indices
 
 
 def test_m2m_construction_refuses_the_step_profile():

@@ -2,7 +2,8 @@
 
 Each run writes into `<ablation>/runs/<run_id>/`: `config.yaml`, `checkpoint.pt` (every `checkpoint.every`
 epochs and after the last, atomically), `history.parquet` (one row per epoch) and, when it has ended,
-`result.json` (status, the best-val epoch and every metric there). `result.json` is what makes a run
+`result.json` (status, the best-val epoch and every metric there, the selection rule and the method's
+start epoch, so the matrix can tell an epoch before the method started). `result.json` is what makes a run
 done: a resumed or rerun ablation trains exactly the runs without one, and a run cut short continues
 from its own checkpoint, whichever Tune experiment (attempt) ran it before. That is why ablations do
 not use Tune's experiment restore: adding a seed or a row to the file must run only the new runs.
@@ -23,6 +24,7 @@ from ray import tune
 
 from ltsearch.ablate.settings import Ablation, Run
 from ltsearch.config import build_run_config, dump_yaml
+from ltsearch.data.fingerprints import pin_run_data
 from ltsearch.epochs import scalars
 from ltsearch.errors import TrainingDiverged
 from ltsearch.prefix import PREFIX_KEY
@@ -99,6 +101,7 @@ def train_cell(config: dict, plan: CellPlan, datasets: dict[str, Any] | None = N
     run_config = plan.run_config(run)
     where = run_dir(plan.directory, run.run_id)
     data = ray.get(datasets[plan.data_keys[run.run_id]]) if datasets else None
+    pin_run_data(data, where)  # the driver's fingerprints, and the ones this run started on (DataMismatch otherwise)
     started = time.time()
     replay: list[dict[str, Any]] = []
     if (where / CHECKPOINT_FILE).is_file():

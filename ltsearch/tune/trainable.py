@@ -12,6 +12,7 @@ import ray
 from ray import tune
 
 from ltsearch.config import build_run_config
+from ltsearch.data.fingerprints import check_trial_data, record_fingerprints
 from ltsearch.epochs import SELECTABLE, scalars
 from ltsearch.prefix import PREFIX_KEY
 from ltsearch.prefix.fork import PrefixSharing, start_trainer
@@ -50,6 +51,8 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
 
     A trial forked from a shared prefix first reports the prefix's epochs (marked `prefix/shared`, not
     trained again), so its results, history and best epoch read exactly as if it had trained them.
+    It first checks that its data has the fingerprints the driver recorded (and, resumed, those its
+    checkpoint was trained on: `data/fingerprints.py`), and fails naming both values otherwise.
     """
     from ltsearch.engine import Trainer, method_start_epoch  # torch: imported once per worker process, which reuse_actors keeps
 
@@ -59,8 +62,10 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer = Trainer.restore(directory, data=data, config=run_config)
+            trained_on = check_trial_data(trainer.data, directory)  # and the images the checkpoint was trained on
     else:
         trainer, prefix = start_trainer(run_config, plan.sharing, data)
+        trained_on = check_trial_data(trainer.data)
         replay = list(trainer.history)
     report = _Reporter(plan.objective, start_epoch=method_start_epoch(run_config), node=ray.get_runtime_context().get_node_id(),
                        counts=trainer.class_counts.tolist(), prefix_key=prefix.key if prefix else None)
@@ -74,6 +79,7 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
         if (result.epoch + 1) % plan.checkpoint_every == 0 or result.epoch + 1 == epochs:
             with tempfile.TemporaryDirectory(prefix="ltsearch-ckpt-") as directory:
                 result.save_checkpoint(directory)
+                record_fingerprints(trainer.data, directory, trained_on)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
         else:
             tune.report(metrics)
