@@ -243,7 +243,8 @@ class Trainer:
         batch = y.shape[0]
         terms = {"loss": loss, "cls_loss": cls_loss, **{f"aux/{n}": t for n, t in out.aux_losses.items()}}
         terms = {name: value.detach().float() for name, value in terms.items()}
-        terms["correct"] = (logits[:batch].argmax(1) == out.labels[:batch]).sum()  # the real samples come first
+        # the real samples come first; predicted as val and test predict (post-hoc logit adjustment included)
+        terms["correct"] = (self.loss_fn.eval_logits(logits[:batch].detach().float()).argmax(1) == out.labels[:batch]).sum()
         return terms
 
     def train_epoch(self) -> dict[str, float]:

@@ -118,3 +118,18 @@ def test_reference_model_is_trained_once_and_reused(tmp_path: Path) -> None:
     other = digits("train.epochs=1", "loss.name=balanced_softmax")
     train_reference_model(other, trainer.data, tmp_path, epochs=1)
     assert len(list(tmp_path.glob("reference-*.pt"))) == 1
+
+
+def test_train_top1_under_posthoc_logit_adjustment_counts_the_adjusted_prediction() -> None:
+    """train/top1 predicts as val and test do: argmax(z - tau log pi) under post-hoc logit adjustment, not argmax z."""
+    trainer = Trainer(digits("train.threads=1", "loss.name=logit_adjust", "loss.logit_adjust.mode=posthoc",
+                             "loss.logit_adjust.tau=2.0"))
+    sampler, weights = trainer.begin_epoch()
+    x, y = next(iter(trainer.loader.epoch(sampler)))
+    k = trainer.augmenter.insert_at
+    with torch.no_grad():  # train mode, as the step sees it: the same batch statistics, the same logits
+        logits = trainer.model.forward_from(k, trainer.model.forward_until(k, x)).float()
+    adjusted = int((trainer.loss_fn.eval_logits(logits).argmax(1) == y).sum())
+    raw = int((logits.argmax(1) == y).sum())
+    assert adjusted != raw  # the batch tells the two rules apart
+    assert int(trainer.train_step(x, y, weights)["correct"]) == adjusted
