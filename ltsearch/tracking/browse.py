@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ltsearch.errors import ConfigError
+from ltsearch.tracking.names import mlflow_key
 from ltsearch.tracking.settings import (KINDS, PARENT_KINDS, SECTION, TAG_DIR, TAG_EPOCHS, TAG_ERROR, TAG_KIND, TAG_METRIC,
                                         TAG_MODE, TAG_SELECTED_EPOCH, TAG_STOPPED_EARLY, TrackingConfig, local_store_path, split_tracking)
 
@@ -216,7 +217,7 @@ def _top_run(run: Any, names: dict[str, str], children: list[Any]) -> TopRun:
         best = ranked[0] if ranked and ranked[0].objective is not None else None
         objective, test_top1 = (best.objective, best.test_top1) if best else (None, None)
     else:
-        objective, test_top1 = metrics.get(f"best/{metric}"), metrics.get(f"best/{TEST_METRIC}")
+        objective, test_top1 = metrics.get(mlflow_key(f"best/{metric}")), metrics.get(f"best/{TEST_METRIC}")
     return TopRun(run_id=run.info.run_id, experiment_id=run.info.experiment_id, experiment=names.get(run.info.experiment_id, "?"),
                   name=run.info.run_name or run.info.run_id, kind=tags.get(TAG_KIND, "?"), status=run.info.status,
                   start_time=run.info.start_time or 0, dir=tags.get(TAG_DIR), metric=metric, mode=mode,
@@ -226,7 +227,7 @@ def _top_run(run: Any, names: dict[str, str], children: list[Any]) -> TopRun:
 def _child(run: Any, metric: str) -> Child:
     tags, metrics = run.data.tags, run.data.metrics
     return Child(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, status=run.info.status,
-                 start_time=run.info.start_time or 0, objective=metrics.get(f"best/{metric}"), test_top1=metrics.get(f"best/{TEST_METRIC}"),
+                 start_time=run.info.start_time or 0, objective=metrics.get(mlflow_key(f"best/{metric}")), test_top1=metrics.get(f"best/{TEST_METRIC}"),
                  epochs=_int(tags.get(TAG_EPOCHS)), selected_epoch=_int(tags.get(TAG_SELECTED_EPOCH)),
                  stopped_early=tags.get(TAG_STOPPED_EARLY) == "true", error=tags.get(TAG_ERROR), params=dict(run.data.params))
 

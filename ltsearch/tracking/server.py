@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from ltsearch.errors import ConfigError, LtsearchError
+from ltsearch.tracking.names import mlflow_key
 from ltsearch.tracking.settings import TrackingConfig
 
 DEFAULT_PORT = 5000
@@ -141,7 +142,7 @@ def runs_url(base: str, experiment_id: str) -> str:
 def trials_url(base: str, experiment_id: str, parent_id: str, metric: str, mode: str) -> str:
     """The same table, only this parent's children, best first by its objective (sortable, with metric columns)."""
     return ui_url(base, f"/experiments/{experiment_id}/runs", searchFilter=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                  orderByKey=f"metrics.`best/{metric}`", orderByAsc="true" if mode == "min" else "false")
+                  orderByKey=f"metrics.`{mlflow_key('best/' + metric)}`", orderByAsc="true" if mode == "min" else "false")
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:

@@ -45,6 +45,7 @@ TAG_ERROR = "ltsearch.error"  # the error's one line, on FAILED runs
 TAG_COMMAND = "ltsearch.command"  # the command line that launched it
 TAG_VERSION = "ltsearch.version"
 TAG_GIT = "ltsearch.git_commit"
+TAG_NAMES = "ltsearch.names"  # JSON {name: MLflow key} of the names this run holds under other keys (names.py)
 
 KINDS = ("sweep", "trial", "train", "ablation", "cell")
 PARENT_KINDS = ("sweep", "ablation")

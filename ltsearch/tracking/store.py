@@ -14,10 +14,15 @@ Runs are addressed by a logical key ("parent", a trial id). A key is bound to an
 (`open_run(find=...)`), never by a remembered id alone, so a resumed sweep finds and continues the runs
 it created before the driver was killed instead of duplicating them. Metric steps already in the store
 are read once per run and never written twice.
+
+Every key leaves here through `_mapped` (names.py): a row named `+ RSG` becomes a param key MLflow accepts,
+`rows.plus RSG.augmenter.name`, instead of costing the request it is in. A run whose keys had to change
+carries its mapping (tag `ltsearch.names`, artifact `ltsearch_names.json`), and `close()` says so once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -27,15 +32,17 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from ltsearch.tracking.settings import TrackingConfig
+from ltsearch.tracking.names import NAMES_FILE, mlflow_keys, mlflow_run_name
+from ltsearch.tracking.settings import TAG_NAMES, TrackingConfig
 
 #: the metric whose history says which epochs of a run are already logged (every epoch reports it)
 STEP_MARKER = "train/loss"
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 8000
 #: how long an epoch's metrics may wait for the next epochs' to share its request (`flush` and `close` do not wait)
 BATCH_S = 1.0
 #: MLflow error codes that mean "this write will never succeed"; anything else is treated as the store being away
@@ -75,6 +82,9 @@ class Tracker:
         self.logged_steps: dict[str, set[int]] = {}
         self.latest: dict[str, dict[str, float]] = {}  # latest summary values found in the store, per key
         self.dropped: list[str] = []
+        self.names: dict[str, dict[str, str]] = {}  # per key: the names its run holds under other keys (original -> MLflow)
+        self.renamed: dict[str, str] = {}  # every name this process changed, for the line `close()` prints
+        self._names_unsent: set[str] = set()  # keys whose run lacks part of its mapping
         self._created: set[str] = set()  # keys whose run this process created (and so still lacks params)
         self._queue: deque[_Write] = deque()
         self._lock = threading.Condition()
@@ -158,6 +168,11 @@ class Tracker:
             self._lock.notify_all()
             pending = [write.description for write in self._queue]
         self._thread.join(timeout=max(1.0, self.retry_s + 1.0))
+        if self.renamed:
+            shown = ", ".join(f"'{name}' -> '{key}'" for name, key in sorted(self.renamed.items())[:4])
+            more = f" and {len(self.renamed) - 4} more" if len(self.renamed) > 4 else ""
+            self._say(f"tracking: {len(self.renamed)} name(s) changed to fit MLflow's rules: {shown}{more}; "
+                      f"each run lists its own in the tag {TAG_NAMES} and {NAMES_FILE}")
         return self.dropped + pending
 
     def _put(self, description: str, apply: Callable[[], None], epoch: tuple[str, int, dict[str, float]] | None = None) -> None:
@@ -267,9 +282,8 @@ class Tracker:
         if key in self.run_ids:
             return
         client = self._client_call()
-        match = dict(find)
-        if parent is not None:
-            match["mlflow.parentRunId"] = self._run(parent)
+        match = {**find, **({"mlflow.parentRunId": self._run(parent)} if parent is not None else {})}
+        match = {new: match[old] for old, new in self._mapped(key, match).items()}
         clauses = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in match.items())
         found = client.search_runs([self.experiment_id()], filter_string=clauses, max_results=2, order_by=["attributes.start_time ASC"])
         if found:
@@ -279,12 +293,18 @@ class Tracker:
             history = client.get_metric_history(run_id, STEP_MARKER)
             self.logged_steps[key] = {m.step for m in history}
             self.latest[key] = dict(found[0].data.metrics)
+            self.names[key] = {**_recorded(found[0].data.tags.get(TAG_NAMES)), **self.names.get(key, {})}
         else:
-            run = client.create_run(self.experiment_id(), run_name=name, tags={**{k: str(v) for k, v in tags.items()}, **match})
+            short = mlflow_run_name(name)
+            if short != name:
+                self._note(key, {name: short})
+            tags = {new: str(tags[old]) for old, new in self._mapped(key, tags).items()}
+            run = client.create_run(self.experiment_id(), run_name=short, tags={**tags, **match})
             run_id = run.info.run_id
             self.logged_steps[key] = set()
             self._created.add(key)
         self.run_ids[key] = run_id
+        self._send_names(key)
 
     def _epochs(self, key: str, rows: list[tuple[int, dict[str, float]]]) -> None:
         """Epoch rows (step, metrics) in as few requests as MLflow allows; a step already in the store is skipped.
@@ -299,7 +319,8 @@ class Tracker:
             logged.update(step for step, _ in fresh)
 
     def _summary(self, key: str, step: int, values: dict[str, float]) -> None:
-        latest = self.latest.setdefault(key, {})
+        latest = self.latest.setdefault(key, {})  # as the store holds them: compared under the keys they are written with
+        values = {new: values[old] for old, new in self._mapped(key, values).items()}
         changed = {k: v for k, v in values.items() if latest.get(k) != v}
         if changed:
             self._batch(key, rows=[(step, changed)])
@@ -310,15 +331,44 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         run_id, client, now = self._run(key), self._client_call(), int(time.time() * 1000)
-        metric_list = [Metric(k, v, now, step) for step, metrics in (rows or []) for k, v in metrics.items()]
-        param_list = [Param(k, _text(v)) for k, v in (params or {}).items()]
-        tag_list = [RunTag(k, _text(v)) for k, v in (tags or {}).items()]
+        to = self._mapped(key, [*(params or {}), *(tags or {}), *(k for _, metrics in rows or [] for k in metrics)])
+        metric_list = [Metric(to[k], v, now, step) for step, metrics in (rows or []) for k, v in metrics.items()]
+        param_list = [Param(to[k], _text(v)) for k, v in (params or {}).items()]
+        tag_list = [RunTag(to[k], _text(v)) for k, v in (tags or {}).items()]
+        self._send_names(key)  # first: a write that fails after it is retried whole, and no data row twice
         for i in range(0, len(metric_list), METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metric_list[i:i + METRICS_PER_BATCH], synchronous=True)
         for i in range(0, len(param_list), PARAMS_PER_BATCH):
             client.log_batch(run_id, params=param_list[i:i + PARAMS_PER_BATCH], synchronous=True)
         if tag_list:
             client.log_batch(run_id, tags=tag_list, synchronous=True)
+
+    def _mapped(self, key: str, names: Iterable[str]) -> dict[str, str]:
+        """Each name's MLflow key within this request (names.py); changed ones are noted for `key`'s run."""
+        mapping = mlflow_keys(names)
+        self._note(key, {name: new for name, new in mapping.items() if new != name})
+        return mapping
+
+    def _note(self, key: str, changed: dict[str, str]) -> None:
+        if not changed:
+            return
+        known = self.names.setdefault(key, {})
+        if any(known.get(name) != new for name, new in changed.items()):
+            known.update(changed)
+            self.renamed.update(changed)
+            self._names_unsent.add(key)
+
+    def _send_names(self, key: str) -> None:
+        """The run's whole mapping as a tag (when it fits) and as a file, each time it grows; kept until written."""
+        if key not in self._names_unsent or key not in self.run_ids:
+            return
+        from mlflow.entities import RunTag
+
+        text = json.dumps(dict(sorted(self.names[key].items())), ensure_ascii=False)
+        shown = text if len(text) <= MAX_TAG_LENGTH else f"{len(self.names[key])} names; see {NAMES_FILE}"
+        self._client_call().log_batch(self.run_ids[key], tags=[RunTag(TAG_NAMES, shown)], synchronous=True)
+        self._artifact(key, NAMES_FILE, text.encode())
+        self._names_unsent.discard(key)
 
     def _table(self, key: str, name: str, rows: list[dict[str, Any]]) -> None:
         """log_table the first time; later the same file is replaced (log_table would append the rows again)."""
@@ -377,6 +427,15 @@ def _is_permanent(error: BaseException) -> bool:
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _recorded(text: str | None) -> dict[str, str]:
+    """The mapping a run already carries (a resumed run keeps it when its mapping grows); {} when there is none."""
+    try:
+        mapping = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return mapping if isinstance(mapping, dict) else {}
 
 
 def _quote(value: str) -> str:
