@@ -1,103 +1,82 @@
 #!/usr/bin/env bash
-# GPU reproduction of the published CIFAR-10-LT (rho = 100) numbers: the full 200-epoch LDAM-DRW recipe
-# for the baseline and each method at its paper defaults, all runs concurrently on one GPU.
+# GPU reproduction of the published CIFAR-10-LT (rho = 100) numbers: ablations/reproduce_cifar10.yaml (the
+# baseline and each method at its paper defaults, the full 200-epoch LDAM-DRW recipe) through `ltsearch
+# ablate`, every run packed on one GPU (resources.gpu = a fraction), for as long as the budget allows.
 #
 #   bash benchmarks/gpu_repro.sh [DATA_ROOT] [OUT_DIR] [BUDGET_SECONDS]
 #     DATA_ROOT       holds cifar-10-batches-py/            (default ../shared/data)
-#     OUT_DIR         one run directory per row + logs      (default runs/gpu_repro-<time>)
-#     BUDGET_SECONDS  runs still going then are stopped and reported at the epoch they reached (default 540)
-#   DEVICE=cpu EXTRA="train.epochs=1 data.max_train_per_class=50" bash benchmarks/gpu_repro.sh ...
-#                   a smoke test of the script itself without a GPU (EXTRA: overrides added to every run)
+#     OUT_DIR         the ablation directory + logs          (default runs/gpu_repro-<time>)
+#     BUDGET_SECONDS  the ablation is interrupted then; every run keeps its checkpoint (default 540)
+#   environment: SEEDS ("[0]"), GPU_FRACTION (0.125: 8 runs at once), CPUS per run (2), ABLATION (the file),
+#                DEVICE=cpu EXTRA="data.max_train_per_class=20 ..." for a smoke test of the script without a GPU
 #
-# Prints one row per run: test top-1 at the best-val epoch next to the paper's number and where that
-# number comes from. Recipes that differ from ours are marked: SMART's 84.0 uses BSCE with CMO's
-# schedule (we run it with LDAM-DRW and with balanced softmax on the LDAM-DRW schedule); LCReg's 83.1
-# is MiSLAS-based (mixup, 200 epochs, two stages). M2m's g (plain-CE ERM, 200 epochs) is trained at
-# the start, concurrently, into the shared cache the M2m run reads from at its deferral epoch.
+# Continue an interrupted reproduction with the same OUT_DIR: runs that ended are kept, the others resume from
+# their last checkpoint (`ltsearch ablate --resume OUT_DIR/ablation`). Prints the matrix (test top-1 at each
+# run's best-val epoch next to the paper's number; pending runs shown as such) and, for every run, how far it
+# got. M2m's g (plain-CE ERM on the same data) is trained at the start, concurrently, into the cache the M2m
+# run reads at its deferral epoch, so the M2m run does not wait 200 epochs at T.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA_ROOT=${1:-../shared/data}
 OUT=${2:-runs/gpu_repro-$(date +%Y%m%d-%H%M%S)}
 BUDGET=${3:-540}
+ABLATION=${ABLATION:-ablations/reproduce_cifar10.yaml}
+DEVICE=${DEVICE:-cuda}
+GPU_FRACTION=${GPU_FRACTION:-0.125}
+[ "$DEVICE" = cpu ] && GPU_FRACTION=0
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 mkdir -p "$OUT"
 export LTSEARCH_CACHE="$OUT/cache"
-DEVICE=${DEVICE:-cuda}
-COMMON=(--set "data.root=$DATA_ROOT" --set "train.device=$DEVICE" --quiet)
-for item in ${EXTRA:-}; do COMMON+=(--set "$item"); done
+SETS=(--set "data.root=$DATA_ROOT" --set "train.device=$DEVICE" --set "resources.gpu=$GPU_FRACTION"
+      --set "resources.cpu=${CPUS:-2}" --set "seeds.train=${SEEDS:-[0]}" --set "tracking.uri=sqlite:///$OUT/mlruns.db")
+for item in ${EXTRA:-}; do SETS+=(--set "$item"); done
 
-# name | config | overrides | paper top-1 | source
-RUNS=(
-  "ldam_drw|configs/ldam_drw_cifar10.yaml||77.03|RSG Table 6 (LDAM-DRW)"
-  "rsg|configs/ldam_drw_cifar10.yaml|augmenter.name=rsg|79.55|RSG Table 6"
-  "safa|configs/ldam_drw_cifar10.yaml|augmenter.name=safa|80.48|SAFA Table 1"
-  "m2m|configs/ldam_drw_cifar10.yaml|augmenter.name=m2m|79.1|M2m Table 1 (LDAM + M2m)"
-  "smart_ldam|configs/ldam_drw_cifar10.yaml|augmenter.name=smart|84.0|SMART Table 1, BSCE + CMO schedule (recipe differs)"
-  "smart_bsce|configs/ldam_drw_cifar10.yaml|augmenter.name=smart loss.name=balanced_softmax model.classifier=linear loss.reweight.kind=none|84.0|SMART Table 1, BSCE + CMO schedule (schedule differs)"
-  "lcreg|configs/lcreg_ldam_drw_cifar10.yaml||83.1|LCReg Table 1, MiSLAS-based (recipe differs; ours: LDAM-DRW + 10 classifier-only epochs)"
-)
-
-echo "gpu_repro: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'), budget ${BUDGET}s, out $OUT"
+echo "gpu_repro: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'), budget ${BUDGET}s, $ABLATION, out $OUT"
 start=$(date +%s)
 
-# M2m's g first, in the background: the same key the M2m run computes, cached behind a file lock.
-"$PY" - "$DATA_ROOT" "$DEVICE" ${EXTRA:-} > "$OUT/m2m_g.log" 2>&1 <<'EOF' &
+# M2m's g first, in the background, for every train seed: the key the M2m run computes, behind a file lock.
+"$PY" - "$ABLATION" "${SETS[@]}" > "$OUT/m2m_g.log" 2>&1 <<'EOF' &
 import sys
-from ltsearch.config import load_run_config
+from ltsearch.ablate.settings import load_ablation
 from ltsearch.engine import Trainer
-root, device, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
-config = load_run_config("configs/ldam_drw_cifar10.yaml", [f"data.root={root}", f"train.device={device}", "augmenter.name=m2m", *extra])
-Trainer(config).augmenter.reference()
-print("g ready")
+path, sets = sys.argv[1], [value for flag, value in zip(sys.argv[2::2], sys.argv[3::2])]
+ablation = load_ablation(path, sets)
+for run in ablation.runs:
+    if run.point.get("augmenter.name") == "m2m":
+        from ltsearch.config import build_run_config
+        from ltsearch.space import apply_point
+        Trainer(build_run_config(apply_point(ablation.base, run.point))).augmenter.reference()
+        print(f"g ready for {run.run_id}", flush=True)
 EOF
-pids=($!)
+g_pid=$!
 
-for row in "${RUNS[@]}"; do
-  IFS='|' read -r name config overrides paper source <<<"$row"
-  sets=()
-  for item in $overrides; do sets+=(--set "$item"); done
-  .venv/bin/ltsearch train "$config" "${COMMON[@]}" "${sets[@]}" --out "$OUT/$name" > "$OUT/$name.log" 2>&1 &
-  pids+=($!)
-done
-
-while :; do
-  alive=0
-  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-  [ "$alive" = 0 ] && break
-  if [ $(( $(date +%s) - start )) -ge "$BUDGET" ]; then
-    echo "budget of ${BUDGET}s reached: stopping the runs still going (their checkpoints stay; resume with ltsearch train --resume DIR)"
-    for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null; done
-    sleep 20
-    break
-  fi
-  sleep 10
-done
+if [ -f "$OUT/ablation/ablation.yaml" ]; then
+  command=(.venv/bin/ltsearch ablate --resume "$OUT/ablation")
+else
+  command=(.venv/bin/ltsearch ablate "$ABLATION" "${SETS[@]}" --out "$OUT/ablation")
+fi
+timeout --signal=INT --kill-after=60 "$BUDGET" "${command[@]}" > "$OUT/ablate.log" 2>&1
+status=$?
+kill "$g_pid" 2>/dev/null
 elapsed=$(( $(date +%s) - start ))
+[ "$status" = 124 ] && echo "budget of ${BUDGET}s reached: the ablation was interrupted (checkpoints kept; rerun with the same OUT_DIR to continue)"
+grep -v "^\[" "$OUT/ablate.log" | tail -40
 
-"$PY" - "$OUT" "$elapsed" "${RUNS[@]}" <<'EOF'
+"$PY" - "$OUT/ablation" "$elapsed" <<'EOF'
 import json, sys
 from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
-out, elapsed, rows = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-print(f"\n| run | epochs | test top-1 at best val | best val top-1 | paper | source |\n|---|---|---|---|---|---|")
-for row in rows:
-    name, _, _, paper, source = row.split("|")
-    run = out / name
-    if (run / "metrics.json").is_file():
-        summary = json.loads((run / "metrics.json").read_text())
-        best = summary["best"]
-        print(f"| {name} | {summary['epochs_run']} | {best.get('test/top1', float('nan')):.2f} | {best.get('val/top1', float('nan')):.2f} | {paper} | {source} |")
-        continue
+root, elapsed = Path(sys.argv[1]), int(sys.argv[2])
+print("\n| run | epochs done | best val top-1 so far | test top-1 there | status |\n|---|---|---|---|---|")
+for run in sorted((root / "runs").glob("*")):
+    planned = yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] if (run / "config.yaml").is_file() else "?"
     history = pq.read_table(run / "history.parquet").to_pylist() if (run / "history.parquet").is_file() else []
-    error = (run / "error.txt").read_text().strip() if (run / "error.txt").is_file() else ""
-    if history:
-        best = max(history, key=lambda r: r.get("val/top1", -1))
-        planned = yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"]
-        status = f"stopped at {len(history)}/{planned}" + (f" ({error})" if error else "")
-        print(f"| {name} | {status} | {best.get('test/top1', float('nan')):.2f} (so far) | {best.get('val/top1', float('nan')):.2f} | {paper} | {source} |")
-    else:
-        print(f"| {name} | none ({error or 'see ' + str(run) + '.log'}) | - | - | {paper} | {source} |")
-print(f"\nwall: {elapsed} s for all runs together")
+    result = json.loads((run / "result.json").read_text()) if (run / "result.json").is_file() else None
+    chosen = [row for row in history if row.get("selectable", 1)]
+    best = max(chosen, key=lambda row: row.get("val/top1", -1)) if chosen else {}
+    status = result["status"] if result else "interrupted"
+    print(f"| {run.name} | {len(history)}/{planned} | {best.get('val/top1', float('nan')):.2f} | {best.get('test/top1', float('nan')):.2f} | {status} |")
+print(f"\nwall: {elapsed} s")
 EOF
