@@ -248,3 +248,27 @@ def test_aggregated_rows_round_trip_through_pyarrow_and_parquet(tmp_path):
     assert table.schema.field("mean").type == pa.float64() and table.schema.field("significant").type == pa.bool_()
     pq.write_table(table, tmp_path / "matrix.parquet")
     assert pq.read_table(tmp_path / "matrix.parquet").to_pylist() == rows
+
+
+def test_a_cell_whose_selected_epoch_precedes_its_method_is_marked_in_every_format():
+    results = [RunResult(row, column, train, data, "completed", {"test/top1": value},
+                         before_method=(row == SAFA and column == A and train < 2))
+               for (row, column), values in VALUES.items() for (train, data), value in zip(SEEDS, values)]
+    built = build_matrix(results, rows=(BASE, SAFA), columns=(A, B), metric="test/top1", baseline=BASE, seeds=SEEDS)
+    assert built.cell(SAFA, A).before_method == 2 and built.cell(SAFA, B).before_method == 0
+    md = to_markdown(built)
+    assert "| SAFA | **80.17 ± 0.31** (‡2/3 before the method); Δ +3.03" in md
+    assert "in k of the cell's n runs the best-val epoch precedes the method's start" in md.strip().splitlines()[-1]
+    assert r"$^\ddagger$2/3 before the method" in to_latex(built)
+    assert "‡2/3 before the method" in to_html(built)
+    unmarked = to_markdown(matrix())
+    assert "‡" not in unmarked and "a method that starts at epoch T selects among epochs >= T" in unmarked
+
+
+def test_result_files_say_when_the_selected_epoch_precedes_the_method(tmp_path):
+    from ltsearch.ablate.outputs import _before_method
+
+    assert _before_method({"best_epoch": 22, "method_start": 23})
+    assert not _before_method({"best_epoch": 23, "method_start": 23})
+    assert not _before_method({"best_epoch": 3, "method_start": 0})  # no method: every epoch is its own
+    assert not _before_method({"best_epoch": 3}) and not _before_method(None)  # a result from before the field

@@ -371,3 +371,44 @@ def test_ablation_rows_share_a_prefix_and_a_diverging_prefix_fails_every_row_wit
     assert len(results) == 2 and all(r["status"] == "error" for r in results)
     assert all(r["error"].startswith("training diverged in epoch 1/3") for r in results)
     assert sum("in the shared prefix safa@2" in r["error"] for r in results) == 1  # the dependent got the trunk's error, not its own
+
+
+# ============================================================== the method-off run on the shared trunk
+@pytest.mark.slow
+def test_the_baseline_row_forks_the_methods_trunk_and_equals_the_baseline_trained_alone(ray_runtime, tmp_path):
+    raw = read_yaml(REPO / "ablations" / "examples" / "digits_losses.yaml")
+    raw.update({"augmenter": {"name": "safa", "start_epoch": 2}, "seeds": {"train": [0], "data": [0]}, "tracking": {"enabled": False},
+                "rows": {"LDAM-DRW": {"augmenter.name": "none"}, "+ SAFA": {}, "+ M2m": {"augmenter.name": "m2m"}}, "baseline": "LDAM-DRW"})
+    raw.pop("columns", None)
+    raw.setdefault("train", {})["epochs"] = 4
+    outcomes = {}
+    for name, share in (("shared", True), ("alone", False)):
+        outcomes[name] = run_ablation(parse_ablation({**raw, "share_prefix": share}, source=str(tmp_path / "a.yaml")),
+                                      directory=str(tmp_path / name), stream=io.StringIO(), progress_interval_s=0.0)
+        assert all(r.status == "completed" for r in outcomes[name].results)
+    (entry,) = json.loads((tmp_path / "shared" / "prefixes" / "summary.json").read_text()).values()
+    assert entry["epochs_trained"] == 2 and entry["forks"] == 3  # one trunk of T = 2 epochs for all three rows
+    histories = {name: {path.parent.name.split("__")[0]: read_table(path) for path in (tmp_path / name / "runs").glob("*/history.parquet")}
+                 for name in outcomes}
+    keys = {row: {r.get(PREFIX_KEY) for r in history[:2]} for row, history in histories["shared"].items()}
+    assert len({key for found in keys.values() for key in found}) == 1 and None not in keys["LDAM-DRW"]
+    for row in ("LDAM-DRW", "SAFA", "M2m"):  # forked or not, every number of every epoch is the same
+        assert [comparable(r) for r in histories["shared"][row]] == [comparable(r) for r in histories["alone"][row]], row
+    assert [comparable(r.metrics) for r in outcomes["shared"].results] == [comparable(r.metrics) for r in outcomes["alone"].results]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_the_method_forks_its_baseline_trials_from_the_shared_trunk(ray_runtime, tmp_path):
+    lines = [f"base: {DIGITS}", "name: method_choice", "augmenter: {start_epoch: 2}", "train: {epochs: 4}", "model: {width: 16}",
+             "space:", "  augmenter.name: {grid: [none, safa, m2m]}", "search: {sampler: random, num_samples: 1, seed: 0, max_concurrent: 1}",
+             "scheduler: {name: fifo}", "resources: {cpu: 1}", "checkpoint: {every: 1}", "tracking: {enabled: false}"]
+    file = tmp_path / "method_choice.yaml"
+    file.write_text("\n".join(lines) + "\n")
+    shared, log = run(tmp_path, "shared", file)
+    alone, _ = run(tmp_path, "alone", file, "share_prefix=false")
+    assert "shared prefixes: 3 run(s) forked from 1 prefix(es); their trunks trained 2 epoch(s) in this session" in log
+    ours, theirs = by_config(shared, ["augmenter.name"]), by_config(alone, ["augmenter.name"])
+    assert sorted(ours) == [("m2m",), ("none",), ("safa",)]
+    assert len({r[PREFIX_KEY] for rows in ours.values() for r in rows if r.get(SHARED_PREFIX)}) == 1
+    for point, rows in ours.items():
+        assert [comparable(r) for r in rows] == [comparable(r) for r in theirs[point]], point
