@@ -1,4 +1,4 @@
-"""`ltsearch report NAME|DIR [--format md|latex|html|csv] [--metric KEY] [--top N]`: print stored results, run nothing.
+"""`ltsearch report NAME|DIR [--format md|latex|html|csv] [--metric KEY] [--top N] [--diagnostics]`: print stored results, run nothing.
 
 DIR is an ablation directory (its matrix, rebuilt from the runs' result files) or a sweep directory (its
 best trials); NAME finds the newest `<storage>/<NAME>-<time>` directory of either kind. A partly finished
@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex, html or csv")
     parser.add_argument("--metric", help="the metric to show (default: the ablation's metric, or the sweep's objective)")
     parser.add_argument("--top", type=int, default=10, help="sweeps: how many trials (default 10)")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="ablations: also what each row's method did while it was on (its aug/* and aux-loss means)")
     parser.add_argument("--storage", default="runs", help="where to look for NAME (default: runs)")
     parser.set_defaults(handler=run)
 
@@ -34,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     directory = locate(args.target, Path(args.storage))
     if (directory / "ablation.yaml").is_file():
         print(ablation_report(directory, args.format, args.metric), end="")
+        if args.diagnostics:
+            print("\n" + diagnostics_report(directory), end="")
     else:
         print(sweep_report(directory, args.format, args.metric, args.top), end="")
     return 0
@@ -57,9 +61,8 @@ def ablation_report(directory: Path, fmt: str, metric: str | None) -> str:
     from ltsearch.ablate.matrix import build_matrix
     from ltsearch.ablate.outputs import collect
     from ltsearch.ablate.render import aggregated_rows, to_html, to_latex, to_markdown
-    from ltsearch.ablate.settings import parse_ablation
 
-    ablation = parse_ablation(yaml.safe_load((directory / "ablation.yaml").read_text()), source=str(directory / "ablation.yaml"))
+    ablation = _saved_ablation(directory)
     results, _ = collect(ablation, str(directory))
     metric = metric or ablation.metric
     matrix = build_matrix(results, rows=list(ablation.rows), columns=list(ablation.column_labels), metric=metric,
@@ -71,6 +74,19 @@ def ablation_report(directory: Path, fmt: str, metric: str | None) -> str:
         return _csv(aggregated_rows(matrix))
     render = {"md": to_markdown, "latex": to_latex, "html": to_html}[fmt]
     return head + render(matrix, *reference)
+
+
+def diagnostics_report(directory: Path) -> str:
+    from ltsearch.ablate.diagnostics import diagnostics_markdown, row_diagnostics
+
+    ablation = _saved_ablation(directory)
+    return diagnostics_markdown(row_diagnostics(ablation, str(directory)), list(ablation.rows))
+
+
+def _saved_ablation(directory: Path):
+    from ltsearch.ablate.settings import parse_ablation
+
+    return parse_ablation(yaml.safe_load((directory / "ablation.yaml").read_text()), source=str(directory / "ablation.yaml"))
 
 
 def sweep_report(directory: Path, fmt: str, metric: str | None, top: int) -> str:
