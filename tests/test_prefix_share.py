@@ -153,6 +153,29 @@ def test_board_gives_the_trunk_to_one_caller_and_wakes_the_others_when_published
     assert ray.get(board.summary.remote())["k"]["epochs_trained"] == 1
 
 
+def test_the_progress_table_shows_a_run_training_its_trunk_before_it_reports(ray_runtime):
+    from types import SimpleNamespace
+
+    from ltsearch.tune.progress import ProgressTable
+    from ltsearch.tune.settings import Objective
+
+    board = PrefixBoard.remote()
+    token = ray.get(board.claim.remote("0123456789abcdef", 24, "t_trunk"))["token"]
+    ray.get(board.progress.remote("0123456789abcdef", token, 7, 30.0))
+    trials = [SimpleNamespace(trial_id="t_trunk", status="RUNNING", config={}, last_result={}),
+              SimpleNamespace(trial_id="t_done", status="TERMINATED", config={}, last_result={EPOCHS: 30, "val/top1": 70.0})]
+    stream = io.StringIO()
+    table = ProgressTable(["run_id"], Objective(metric="val/top1", mode="max"), 30, interval_s=0.0, stream=stream, board=board)
+    table.on_step_end(0, trials)
+    shown = stream.getvalue()
+    assert "trunk 01234567 7/24" in shown and "30/30" in shown
+    table.on_step_end(1, trials)
+    assert stream.getvalue() == shown  # nothing changed: nothing printed again
+    ray.get(board.progress.remote("0123456789abcdef", token, 8, 30.0))
+    table.on_step_end(2, trials)
+    assert "trunk 01234567 8/24" in stream.getvalue()[len(shown):]
+
+
 def test_board_fails_every_waiter_with_the_trunks_error(ray_runtime):
     board = PrefixBoard.remote()
     owner = ray.get(board.claim.remote("k", 3))

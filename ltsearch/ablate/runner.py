@@ -124,7 +124,8 @@ def _fit(ablation: Ablation, plan: CellPlan, launch: Launch, data: dict[str, Any
     trainable = tune.with_resources(tune.with_parameters(train_cell, plan=plan, datasets=datasets, sharing=sharing),
                                     {"cpu": resources.cpu, "gpu": resources.gpu})
     objective = Objective(metric="val/top1", mode="max")
-    progress = ProgressTable([RUN_KEY], objective, max(run.epochs for run in ablation.runs), progress_interval_s, stream)
+    progress = ProgressTable([RUN_KEY], objective, max(run.epochs for run in ablation.runs), progress_interval_s, stream,
+                             board=sharing.board if sharing is not None else None)
     live = AblationTracking(ablation, launch.directory) if ablation.tracking.enabled else None
     tuner = tune.Tuner(
         trainable,

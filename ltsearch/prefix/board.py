@@ -119,6 +119,12 @@ class PrefixBoard:
                 entry.failed.update({epoch: error for epoch in entry.wanted if epoch not in entry.ready})
             _free(entry)
 
+    async def training(self) -> dict[str, str]:
+        """{claimant trial id: "trunk <key> k/T"} for every trunk being trained now: what the progress table shows
+        for a run that has reported nothing yet because it trains the shared prefix first."""
+        return {e.claimant: f"trunk {key[:8]} {e.position}/{e.target}" for key, e in self.entries.items()
+                if e.owner is not None and e.claimant is not None}
+
     async def summary(self) -> dict[str, dict[str, int]]:
         """Per key: epochs trained by trunks in this session, forks served, snapshots published."""
         return {key: {"epochs_trained": e.epochs_trained, "forks": e.forks, "snapshots": len(e.ready)} for key, e in self.entries.items()}

@@ -50,18 +50,22 @@ class ProgressTable(tune.Callback):
     Module-level (picklable), because Tune stores the callbacks with the experiment that `--resume` restores.
     """
 
-    def __init__(self, keys: list[str], objective: Objective, max_epochs: int, interval_s: float = 10.0, stream: Any = None):
+    def __init__(self, keys: list[str], objective: Objective, max_epochs: int, interval_s: float = 10.0, stream: Any = None,
+                 board: Any = None):
         self.keys, self.objective, self.max_epochs, self.interval_s = keys, objective, max_epochs, interval_s
         self.stream = stream
+        self.board = board  # the prefix board: a run training a shared trunk shows "trunk <key> k/T" until it reports
+        self.trunks: dict[str, str] = {}
         self.start = time.monotonic()
-        self.last = -math.inf
+        self.last = self.polled = -math.inf
         self.dirty = True
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "stream": None}  # a stream does not pickle; the restoring process supplies its own
+        # a stream does not pickle and a board dies with its session: the restoring process supplies its own
+        return {**self.__dict__, "stream": None, "board": None}
 
     def setup(self, **info: Any) -> None:
-        self.start, self.last, self.dirty = time.monotonic(), -math.inf, True
+        self.start, self.last, self.polled, self.dirty = time.monotonic(), -math.inf, -math.inf, True
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.dirty = True
@@ -70,8 +74,25 @@ class ProgressTable(tune.Callback):
         self.dirty = True
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.dirty and time.monotonic() - self.last >= self.interval_s:
+        if time.monotonic() - self.last < self.interval_s:
+            return
+        self._poll_trunks()
+        if self.dirty:
             self.print(trials)
+
+    def _poll_trunks(self) -> None:
+        """Ask the board, at most once an interval, which runs train a trunk and how far (a change is news to print)."""
+        if self.board is None or time.monotonic() - self.polled < self.interval_s:
+            return
+        import ray
+
+        self.polled = time.monotonic()
+        try:
+            trunks = ray.get(self.board.training.remote(), timeout=5.0)
+        except Exception:  # noqa: BLE001 - the board is busy or gone: the table goes on without trunk lines
+            return
+        self.dirty = self.dirty or trunks != self.trunks
+        self.trunks = trunks
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.print(trials)
@@ -80,8 +101,9 @@ class ProgressTable(tune.Callback):
         rows = []
         for trial in trials:
             last = trial.last_result or {}
+            epochs = self.trunks.get(trial.trial_id) if not last else None
             rows.append({"trial": trial.trial_id, "status": trial.status, "config": trial.config,
-                         "epochs": f"{last.get(EPOCHS, 0)}/{self.max_epochs}", "value": last.get(self.objective.metric),
+                         "epochs": epochs or f"{last.get(EPOCHS, 0)}/{self.max_epochs}", "value": last.get(self.objective.metric),
                          "best": last.get(f"best/{self.objective.metric}")})
         print(progress_table(rows, self.keys, self.objective, time.monotonic() - self.start), file=self.stream or sys.stdout, flush=True)
         self.last, self.dirty = time.monotonic(), False

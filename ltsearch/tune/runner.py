@@ -49,11 +49,12 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
         saved = {**sweep.raw, TRACKING_SECTION: pinned_tracking(sweep)} if sweep.tracking.enabled else sweep.raw
         write_text_to(yaml.safe_dump(saved, sort_keys=False), _join(directory, SWEEP_FILE))
         parent, name = _split(directory)
-        progress = ProgressTable(sweep.space.keys, sweep.objective, sweep.max_epochs, progress_interval_s, stream)
         scheduler = SCHEDULERS.get(sweep.scheduler.name)
         population_based = bool(scheduler.meta.get("population_based"))  # PBT: random population, exploits others' checkpoints
         search_alg, param_space, num_samples = _search(sweep, random_population=population_based)
         trainable, data_tags, sharing = _trainable(sweep, directory, stream)
+        progress = ProgressTable(sweep.space.keys, sweep.objective, sweep.max_epochs, progress_interval_s, stream,
+                                 board=sharing.board if sharing is not None else None)
         live = SweepTracking(sweep, directory, data_tags, population_based) if sweep.tracking.enabled else None
         ours = [EpochLog(directory)] + ([live] if live is not None else [])
         tuner = tune.Tuner(
