@@ -24,7 +24,7 @@ from ltsearch.ablate.tracking import AblationTracking
 from ltsearch.errors import ConfigError
 from ltsearch.prefix.fork import open_sharing, report_sharing
 from ltsearch.prefix.keys import method_prefix_keys
-from ltsearch.tracking.store import prewarm
+from ltsearch.tracking.warmup import prewarm
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import _absolute
 from ltsearch.tune.epochlog import EpochLog

@@ -23,8 +23,6 @@ carries its mapping (tag `ltsearch.names`, artifact `ltsearch_names.json`), and 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 import tempfile
 import threading
@@ -36,6 +34,7 @@ from typing import Any, Callable, Iterable
 
 from ltsearch.tracking.names import NAMES_FILE, mlflow_keys, mlflow_run_name
 from ltsearch.tracking.settings import TAG_NAMES, TrackingConfig
+from ltsearch.tracking.warmup import open_client
 
 #: the metric whose history says which epochs of a run are already logged (every epoch reports it)
 STEP_MARKER = "train/loss"
@@ -48,15 +47,10 @@ BATCH_S = 1.0
 #: MLflow error codes that mean "this write will never succeed"; anything else is treated as the store being away
 PERMANENT_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
                              "INVALID_STATE", "PERMISSION_DENIED"})
-#: HTTP retries inside one request stay short: the queue does the waiting, without blocking anything
-HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # (and no progress bars from a background thread)
 
 
 #: stores this process already said it cannot reach
 _TOLD_AWAY: set[str] = set()
-#: stores being opened in the background (`prewarm`), by URI
-_PREWARM: dict[str, threading.Thread] = {}
 
 
 @dataclass(eq=False)  # a write is itself: written writes are removed from the queue by identity
@@ -248,13 +242,7 @@ class Tracker:
     # ---------------------------------------------------------------------------- the MLflow calls
     def _client_call(self) -> Any:
         if self._client is None:
-            warming = _PREWARM.pop(self.uri, None)
-            if warming is not None:  # the store is being opened already: never migrate a new store twice at once
-                warming.join(timeout=120)
-            _quiet_store()
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = open_client(self.uri)
         return self._client
 
     def experiment_id(self) -> str:
@@ -390,33 +378,6 @@ class Tracker:
             path = Path(directory) / name
             path.write_bytes(content)
             self._client_call().log_artifact(self._run(key), str(path))
-
-
-def prewarm(settings: TrackingConfig) -> None:
-    """Open the store on a background thread now, so MLflow's import and a new store's schema migrations
-    (~10 s on 2 cores) overlap the dataset build and Ray's start instead of the first trials. The first
-    Tracker on that store waits for it; errors are left to that Tracker, which reports them."""
-    uri = settings.resolved_uri()
-
-    def touch() -> None:
-        try:
-            _quiet_store()
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        except Exception:  # noqa: BLE001 - a warm-up only
-            pass
-
-    if settings.enabled and uri not in _PREWARM:
-        _PREWARM[uri] = threading.Thread(target=touch, name="ltsearch-tracking-prewarm", daemon=True)
-        _PREWARM[uri].start()
-
-
-def _quiet_store() -> None:
-    for key, value in HTTP_ENV.items():
-        os.environ.setdefault(key, value)
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.sqlalchemy"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _is_permanent(error: BaseException) -> bool:

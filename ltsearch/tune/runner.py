@@ -19,7 +19,7 @@ from ltsearch.prefix.keys import baselines_share
 from ltsearch.prefix.plan import sweep_methods
 from ltsearch.results import location_exists, read_text_from, write_text_to
 from ltsearch.tracking.record import data_tags
-from ltsearch.tracking.store import prewarm
+from ltsearch.tracking.warmup import prewarm
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import SWEEP_FILE, TRIALS_FILE, _absolute, _join, _split
 from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, TUNE_DOMAINS, SchedulerContext
