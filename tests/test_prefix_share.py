@@ -162,7 +162,7 @@ def test_the_progress_table_shows_a_run_training_its_trunk_before_it_reports(ray
     board = PrefixBoard.remote()
     token = ray.get(board.claim.remote("0123456789abcdef", 24, "t_trunk"))["token"]
     ray.get(board.progress.remote("0123456789abcdef", token, 7, 30.0))
-    trials = [SimpleNamespace(trial_id="t_trunk", status="RUNNING", config={}, last_result={}),
+    trials = [SimpleNamespace(trial_id="t_trunk", status="RUNNING", config={}, last_result={"trial_id": "t_trunk"}),  # Tune's own keys
               SimpleNamespace(trial_id="t_done", status="TERMINATED", config={}, last_result={EPOCHS: 30, "val/top1": 70.0})]
     stream = io.StringIO()
     table = ProgressTable(["run_id"], Objective(metric="val/top1", mode="max"), 30, interval_s=0.0, stream=stream, board=board)

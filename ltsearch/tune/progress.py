@@ -101,7 +101,7 @@ class ProgressTable(tune.Callback):
         rows = []
         for trial in trials:
             last = trial.last_result or {}
-            epochs = self.trunks.get(trial.trial_id) if not last else None
+            epochs = self.trunks.get(trial.trial_id) if EPOCHS not in last else None  # Tune fills some keys before any report
             rows.append({"trial": trial.trial_id, "status": trial.status, "config": trial.config,
                          "epochs": epochs or f"{last.get(EPOCHS, 0)}/{self.max_epochs}", "value": last.get(self.objective.metric),
                          "best": last.get(f"best/{self.objective.metric}")})
