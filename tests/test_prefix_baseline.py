@@ -122,3 +122,30 @@ def test_a_forked_run_judges_the_trunk_epochs_by_its_own_rule(tmp_path: Path) ->
     assert [row[SELECTABLE] for row in baseline.history] == [1] * EPOCHS
     method = fork(config("safa"), states[T])
     assert [row[SELECTABLE] for row in method.history] == [0] * T + [1] * (EPOCHS - T)
+
+
+# ------------------------------------------------------- a DRW or DRS switch at T does not act before it
+DRW_AT_T = ["loss.reweight.kind=effective_number", f"loss.reweight.start_epoch={T}"]
+
+
+def test_a_drw_switch_at_t_is_outside_the_key_and_the_trunk_and_one_before_t_is_inside() -> None:
+    baseline = prefix_of(config("none", *DRW_AT_T), baseline=True)
+    m2m = prefix_of(config("m2m"))  # M2m replaces DRW: LDAM + M2m (M2m Table 1) has no DRW
+    assert baseline.key == m2m.key
+    assert prefix_of(config("m2m", "loss.reweight.start_epoch=1")).key == m2m.key  # kind none: its other fields are inert
+    assert baseline.trunk["loss"]["reweight"]["kind"] == "none"  # the trunk trains as every sharer does before T
+    early = prefix_of(config("none", "loss.reweight.kind=effective_number", f"loss.reweight.start_epoch={T - 1}"), baseline=True)
+    assert early.key != m2m.key and early.trunk["loss"]["reweight"]["kind"] == "effective_number"
+    drs = prefix_of(config("safa", "loss.resample.sampler=class_balanced", f"loss.resample.start_epoch={T}"))
+    assert drs.key == prefix_of(config("safa")).key
+
+
+def test_drw_baseline_forked_from_the_m2m_trunk_and_back_equals_each_run_alone(tmp_path: Path) -> None:
+    baseline, m2m = config("none", *DRW_AT_T), config("m2m")
+    from_m2m = trunk_snapshots(m2m, (T,), tmp_path / "m2m")
+    assert_identical_runs(fork(baseline, from_m2m[T]), scratch(baseline), T)
+    from_baseline = Trainer(build_run_config(prefix_of(baseline, baseline=True).trunk))
+    states = {}
+    for result in from_baseline.run(until=T):
+        states[from_baseline.epoch] = result.trainer.state_dict()
+    assert_identical_runs(fork(m2m, states[T]), scratch(m2m), T)

@@ -127,7 +127,8 @@ def test_check_and_dry_run_print_prefixes_and_epochs_saved(tmp_path, capsys):
     ablation = REPO / "ablations" / "safa_table6.yaml"
     assert main(["ablate", str(ablation), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "shared prefixes: 30 for 150 of 180 runs; epochs 36000 -> 16920 (19080 saved, 2.13x fewer" in out
+    # the LDAM-DRW row forks the trunk of the five SAFA rows: one trunk of 160 epochs per column and seed
+    assert "shared prefixes: 30 for 180 of 180 runs; epochs 36000 -> 12150 (23850 saved, 2.96x fewer" in out
     assert main(["ablate", str(ablation), "--dry-run", "--no-share-prefix"]) == 0
     assert "shared prefixes: off" in capsys.readouterr().out
 

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ltsearch.augmenters.base import before_start_of, resolve_head_ratio, resolve_start_epoch
-from ltsearch.config import RunConfig, to_dict
+from ltsearch.config import ResampleConfig, ReweightConfig, RunConfig, to_dict
 from ltsearch.registry import SAMPLERS
 
 #: bump when what a prefix checkpoint holds, or how it is trained, changes: old cache entries are then never reused
-PREFIX_FORMAT = 2
+PREFIX_FORMAT = 3
 START_EPOCH = "start_epoch"
 HEAD_RATIO = "head_ratio"
 #: what a key names instead of the method when the method is fully idle before T (so it trains as no method does)
@@ -69,11 +69,13 @@ def prefix_of(config: RunConfig, *, baseline: bool = False) -> Prefix | None:
         return None
     declared = before_start_of(name)
     raw = to_dict(config, active_only=True)
+    raw["loss"] = loss_before(raw["loss"], fork_epoch)
     pre_start_keys = declared.keys if declared is not None else tuple(_leaf_keys(raw["augmenter"]))
     if HEAD_RATIO not in pre_start_keys and loader_reads_head_mask(config, fork_epoch):
         pre_start_keys = (*pre_start_keys, HEAD_RATIO)
     idle = idle_before_start(name) and set(pre_start_keys) <= {HEAD_RATIO}
     trunk = to_dict(config)
+    trunk["loss"] = loss_before(trunk["loss"], fork_epoch)
     if START_EPOCH not in pre_start_keys:
         trunk["augmenter"][START_EPOCH] = epochs - 1  # idle for every epoch a fork can start at
     payload = {
@@ -97,6 +99,19 @@ def _pre_start_identity(config: RunConfig, augmenter: dict[str, Any], keys: tupl
     if HEAD_RATIO in keys:
         values[HEAD_RATIO] = resolve_head_ratio(config.augmenter.name, config.augmenter.head_ratio)
     return {"name": name, **values}
+
+
+def loss_before(loss: dict[str, Any], fork_epoch: int) -> dict[str, Any]:
+    """The loss section as epochs [0, T) see it: a DRW or DRS switch at or after T (`loss.reweight`,
+    `loss.resample`) does not act there, so it is left out of the key and out of the trunk, which trains
+    without it. M2m's own re-balancing replaces DRW (M2m Table 1, "LDAM + M2m"), and its run still forks the
+    trunk of the LDAM-DRW baseline: both switch at T = 160. A switch before T stays in both."""
+    loss = dict(loss)
+    if loss["reweight"]["kind"] == "none" or loss["reweight"]["start_epoch"] >= fork_epoch:  # (kind none: the rest is inert)
+        loss["reweight"] = to_dict(ReweightConfig())
+    if loss["resample"]["sampler"] == "instance" or loss["resample"]["start_epoch"] >= fork_epoch:
+        loss["resample"] = to_dict(ResampleConfig())
+    return loss
 
 
 def idle_before_start(name: str) -> bool:
