@@ -8,6 +8,9 @@
 #     OUT_DIR         the ablation directory + logs          (default runs/gpu_repro-<time>)
 #     BUDGET_SECONDS  the ablation is interrupted then; every run keeps its checkpoint (default 540)
 #   environment: SEEDS ("[0]"), GPU_FRACTION (0.125: 8 runs at once), CPUS per run (2), ABLATION (the file),
+#                EXTRA (overrides for every run), e.g. on a lent device, whose transfer limit the CIFAR-10 batches
+#                exceed, the exported split (benchmarks/export_npz.py; val/test capped at 100 per class there):
+#                EXTRA="data.name=npz data.path=.bench/cifar10_lt.npz data.imbalance=1"
 #                DEVICE=cpu EXTRA="data.max_train_per_class=20 ..." for a smoke test of the script without a GPU
 #
 # Continue an interrupted reproduction with the same OUT_DIR: runs that ended are kept, the others resume from
