@@ -58,17 +58,21 @@ def run(args: argparse.Namespace) -> int:
 def describe(sweep: "Sweep") -> str:
     """What `check` prints: validity, trials, epochs, the shared prefixes, the space, and how it would run."""
     from ltsearch.prefix.plan import describe_sharing, sampled_sweep_configs
+    from ltsearch.tune.objectives import EPOCH_RULE_TEXT
 
-    search, execution = sweep.search, sweep.execution
+    search, execution, objective = sweep.search, sweep.execution, sweep.objective
     grid = f" = {len(sweep.cells)} grid cells x {search.num_samples}" if sweep.cells else ""
     lines = [
         f"{sweep.source}: valid ({sweep.corners_checked} corners of the space built and checked)",
-        f"trials: {sweep.num_trials}{grid} (sampler {search.sampler}, seed {search.seed}, "
+        f"trials: {sweep.num_trials}{grid} (sampler {search.sampler}{describe_population(sweep)}, seed {search.seed}, "
         f"{'at most ' + str(search.max_concurrent) if search.max_concurrent else 'as many as resources allow'} at once)",
         f"epochs: at most {sweep.max_epochs} per trial, at most {sweep.max_epochs * sweep.num_trials} in all "
         f"(scheduler {sweep.scheduler.describe(sweep.max_active_epochs)}, counting epochs after the method's start epoch)",
         describe_sharing(sampled_sweep_configs(sweep), execution.share_prefix, sampled=True),
-        f"metric: {sweep.objective.metric} ({sweep.objective.mode})",
+        f"metric: {objective.describe()}" if not objective.multi else
+        f"objectives: {objective.describe()}; each trial at {EPOCH_RULE_TEXT}; the Pareto front of the completed trials is written "
+        "as pareto.parquet, pareto.png and pareto/NN.yaml",
+        *describe_judged(sweep),
         f"resources per trial: {execution.resources.cpu:g} cpu, {execution.resources.gpu:g} gpu; "
         f"checkpoint every {execution.checkpoint.every} epoch(s); retries {execution.max_failures}",
         f"sweep directory: {(execution.storage or 'runs').rstrip('/')}/{execution.name or sweep.source.rsplit('/', 1)[-1].rsplit('.', 1)[0]}-<time>",
@@ -80,6 +84,27 @@ def describe(sweep: "Sweep") -> str:
     dist_width = max(len(dist) for _, dist, _ in rows)
     lines += [f"  {key.ljust(width)}  {dist.ljust(dist_width)}  {condition}".rstrip() for key, dist, condition in rows]
     return "\n".join(lines)
+
+
+def describe_judged(sweep: "Sweep") -> list[str]:
+    """With several objectives: which one the scheduler stops trials by, and why that one (FIFO stops none)."""
+    if not sweep.scheduler.judges or not sweep.objective.multi:
+        return []
+    metric, mode = sweep.judged
+    why = "as scheduler.metric says" if sweep.scheduler.metric else "the first objective (scheduler.metric chooses another)"
+    return [f"scheduler {sweep.scheduler.name} judges: {metric} ({mode}), {why}"]
+
+
+def describe_population(sweep: "Sweep") -> str:
+    """NSGA-II samples at random until its first generation is complete: say when a sweep is too short to evolve."""
+    from ltsearch.tune.algorithms import NSGA_POPULATION, SAMPLERS
+
+    if not SAMPLERS.get(sweep.search.sampler).meta.get("population"):
+        return ""
+    size = sweep.search.population_size or NSGA_POPULATION
+    generations = sweep.num_trials / size
+    note = "; fewer trials than two generations: mostly random, set search.population_size" if generations < 2 else ""
+    return f", population {size}, {generations:.1f} generations{note}"
 
 
 def describe_tracking(tracking: TrackingConfig, experiment: str) -> str:

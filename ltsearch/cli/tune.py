@@ -16,7 +16,7 @@ import argparse
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ltsearch.cli._common import add_overrides
 from ltsearch.errors import ConfigError
@@ -170,8 +170,30 @@ def check_data(sweep: "Sweep") -> None:
         key = json.dumps(to_dict(config.data), sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
-            verify_files(build_dataset(config.data))
+            data = build_dataset(config.data)
+            verify_files(data)
+            check_groups(sweep, data)
         if config.train.init_from and config.train.init_from not in seen:
             seen.add(config.train.init_from)
             source = Path(config.train.init_from)
             load_model_state(source / CHECKPOINT_FILE if source.is_dir() else source)
+
+
+def check_groups(sweep: "Sweep", data: Any) -> None:
+    """An objective on a shot group (val/many, val/medium, val/few) needs validation images of classes in that group:
+    otherwise every trial reports None for it and the search has nothing to optimise (CIFAR-10-LT at rho = 100 has no
+    class under 20 training images, so no few-shot class)."""
+    from ltsearch.metrics import FEW_SHOT_BELOW, MANY_SHOT_ABOVE, class_groups
+    from ltsearch.tune.objectives import SCORE_GROUP
+
+    groups = class_groups(data.class_counts)
+    scored = data.val.class_counts(data.num_classes)
+    present = {name: [c for c in members if int(scored[c]) > 0] for name, members in groups.items()}
+    for metric in sweep.objective.metrics:
+        group = SCORE_GROUP.get(metric)
+        if group is not None and not present[group]:
+            counts = ", ".join(f"{name} {len(members)}" for name, members in present.items())
+            raise ConfigError("metric", metric, f"a metric this data can score, but no validation class of {data.name} is {group}-shot "
+                              f"(classes with validation images: {counts}; many > {MANY_SHOT_ABOVE} training images, "
+                              f"few < {FEW_SHOT_BELOW})", hint="Choose another group (val/medium is the tail of CIFAR-10-LT), "
+                              "or a longer tail (data.imbalance).")

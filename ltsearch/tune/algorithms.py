@@ -1,10 +1,15 @@
 """The registries a search file names: Optuna samplers (`search.sampler`) and Ray Tune schedulers
-(`scheduler.name`, each with its typed parameters), and what PBT needs (Tune domains, clipping).
+(`scheduler.name`, each with its typed parameters, and `scheduler.metric`: the one objective it judges),
+and what PBT needs (Tune domains, clipping).
+
+Every sampler but CMA-ES also searches several objectives (Optuna's TPE, NSGA-II, GP and random handle a
+list of directions); a scheduler always judges one number, so with several objectives it is told which.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -44,15 +49,49 @@ def _gp(seed: int) -> Any:
     return optuna.samplers.GPSampler(seed=seed)
 
 
-@SAMPLERS.register("cmaes", requires="cmaes")
+@SAMPLERS.register("cmaes", requires="cmaes", single_objective=True)
 def _cmaes(seed: int) -> Any:
+    """Optuna's CMA-ES adapts one Gaussian towards one objective: it refuses multi-objective studies."""
     return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+#: Optuna's default NSGA-II generation size (`search.population_size` changes it)
+NSGA_POPULATION = 50
+
+
+@SAMPLERS.register("nsgaii", population=True)
+def _nsgaii(seed: int, population_size: int = NSGA_POPULATION) -> Any:
+    """NSGA-II (Deb et al. 2002): generations of `search.population_size` trials, bred from the non-dominated ones.
+
+    Before its first generation is complete it samples at random, so a sweep of fewer trials than two
+    populations is mostly a random search (`ltsearch check` says so)."""
+    return PicklableNSGAII(seed=seed, population_size=population_size)
+
+
+class PicklableNSGAII(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II as Ray Tune can save it: Tune pickles the searcher with the experiment (tuner.pkl, and each
+    experiment checkpoint `--resume` restores), and Optuna's GA samplers hold a `threading.Lock` (around a cache of
+    the study's generations), which does not pickle. The lock is left out and made anew when unpickled; the cache
+    it guards is rebuilt from the study."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_thread_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 @SAMPLERS.register("grid", exhaustive=True)
 def _grid(seed: int) -> Any:
     """Every point is enqueued (see space.grid_cells), so the sampler underneath never draws."""
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_sampler(name: str, seed: int, population_size: int | None) -> Any:
+    """The sampler `search.sampler` names; a population-based one gets `search.population_size` when it is set."""
+    entry = SAMPLERS.get(name)
+    return entry.obj(seed, population_size) if entry.meta.get("population") and population_size else entry.obj(seed)
 
 
 def _importable(module: str) -> bool:
@@ -63,10 +102,14 @@ def _importable(module: str) -> bool:
 class SchedulerContext:
     """What a scheduler factory may need beyond its own parameters.
 
-    `max_epochs` is in the schedulers' unit: the most epochs a trial trains after its method's start epoch."""
+    `max_epochs` is in the schedulers' unit: the most epochs a trial trains after its method's start epoch.
+    `metric`/`mode`: the objective it judges (given to the scheduler itself, since Tune's own metric cannot
+    be a list when the searcher optimises several)."""
 
     max_epochs: int
     space: SearchSpace
+    metric: str
+    mode: str
 
 
 @dataclass
@@ -142,26 +185,29 @@ def _fifo(params: None, context: SchedulerContext) -> Any:
     return FIFOScheduler()
 
 
-@SCHEDULERS.register("asha", config=AshaConfig)
+@SCHEDULERS.register("asha", config=AshaConfig, judges=True)
 def _asha(params: AshaConfig, context: SchedulerContext) -> Any:
-    return ASHAScheduler(time_attr=ACTIVE_EPOCHS, max_t=params.max_t or context.max_epochs, grace_period=params.grace_period,
-                         reduction_factor=params.reduction_factor, brackets=params.brackets)
+    return ASHAScheduler(time_attr=ACTIVE_EPOCHS, metric=context.metric, mode=context.mode, max_t=params.max_t or context.max_epochs,
+                         grace_period=params.grace_period, reduction_factor=params.reduction_factor, brackets=params.brackets)
 
 
-@SCHEDULERS.register("hyperband", config=HyperbandConfig)
+@SCHEDULERS.register("hyperband", config=HyperbandConfig, judges=True)
 def _hyperband(params: HyperbandConfig, context: SchedulerContext) -> Any:
-    return HyperBandScheduler(time_attr=ACTIVE_EPOCHS, max_t=params.max_t or context.max_epochs, reduction_factor=params.reduction_factor)
+    return HyperBandScheduler(time_attr=ACTIVE_EPOCHS, metric=context.metric, mode=context.mode, max_t=params.max_t or context.max_epochs,
+                              reduction_factor=params.reduction_factor)
 
 
-@SCHEDULERS.register("median", config=MedianConfig)
+@SCHEDULERS.register("median", config=MedianConfig, judges=True)
 def _median(params: MedianConfig, context: SchedulerContext) -> Any:
-    return MedianStoppingRule(time_attr=ACTIVE_EPOCHS, grace_period=params.grace_period, min_samples_required=params.min_samples_required)
+    return MedianStoppingRule(time_attr=ACTIVE_EPOCHS, metric=context.metric, mode=context.mode, grace_period=params.grace_period,
+                              min_samples_required=params.min_samples_required)
 
 
-@SCHEDULERS.register("pbt", config=PbtConfig, population_based=True)
+@SCHEDULERS.register("pbt", config=PbtConfig, population_based=True, judges=True)
 def _pbt(params: PbtConfig, context: SchedulerContext) -> Any:
     mutated = {p.key: p.dist for p in context.space.params if p.key in pbt_keys(params, context.space)}
-    return PopulationBasedTraining(time_attr=ACTIVE_EPOCHS, perturbation_interval=params.perturbation_interval,
+    return PopulationBasedTraining(time_attr=ACTIVE_EPOCHS, metric=context.metric, mode=context.mode,
+                                   perturbation_interval=params.perturbation_interval,
                                    quantile_fraction=params.quantile_fraction, resample_probability=params.resample_probability,
                                    hyperparam_mutations={k: _pbt_domain(d) for k, d in mutated.items()},
                                    custom_explore_fn=ClipToSpace(mutated))
@@ -209,8 +255,16 @@ class ClipToSpace:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
+    """`scheduler:`: its name, its typed parameters, and `metric`, the objective it judges (None: the first one)."""
+
     name: str
     params: Any
+    metric: str | None = None
+
+    @property
+    def judges(self) -> bool:
+        """Whether it stops or copies trials by a metric (FIFO runs every trial to the end)."""
+        return bool(SCHEDULERS.get(self.name).meta.get("judges"))
 
     def describe(self, max_epochs: int) -> str:
         """e.g. `asha (grace_period 1, reduction_factor 3.0, max_t 15, brackets 1)`, with max_t resolved."""
@@ -220,16 +274,23 @@ class SchedulerSpec:
 
 
 def parse_scheduler(raw: Any) -> SchedulerSpec:
-    """`scheduler: {name: asha, grace_period: 1, ...}`: the name, then that scheduler's own typed parameters."""
+    """`scheduler: {name: asha, metric: val/few, grace_period: 1, ...}`: the name, the judged objective, then that
+    scheduler's own typed parameters. Whether `metric` is one of the objectives is checked with the objectives."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("scheduler", raw, f"a mapping such as {{name: asha, grace_period: 1}}; names: {SCHEDULERS.names()}")
     name = raw.get("name", "asha")
     entry = SCHEDULERS.get(name)
-    params = {k: v for k, v in raw.items() if k != "name"}
+    metric = raw.get("metric")
+    if metric is not None and not entry.meta.get("judges"):
+        raise ConfigError("scheduler.metric", metric, f"nothing: scheduler '{name}' judges no metric (it stops no trial)",
+                          hint="Drop scheduler.metric, or choose asha, hyperband or median.")
+    if metric is not None and not isinstance(metric, str):
+        raise ConfigError("scheduler.metric", metric, "one metric name, e.g. val/few (a scheduler judges one number)")
+    params = {k: v for k, v in raw.items() if k not in ("name", "metric")}
     if entry.config is None:
         if params:
             raise ConfigError(f"scheduler.{next(iter(params))}", next(iter(params.values())), f"nothing: scheduler '{name}' takes no parameters")
         return SchedulerSpec(name, None)
-    return SchedulerSpec(name, build(entry.config, params, "scheduler"))
+    return SchedulerSpec(name, build(entry.config, params, "scheduler"), metric)

@@ -11,11 +11,14 @@ from typing import Any
 from ray import tune
 
 from ltsearch.tune._names import EPOCHS
-from ltsearch.tune.settings import Objective
+from ltsearch.tune.objectives import Objective
 
 
 def progress_table(rows: list[dict[str, Any]], keys: list[str], objective: Objective, elapsed: float, limit: int = 12) -> str:
-    """The live table: counts by status, then running trials and the best finished ones with key hyperparameters."""
+    """The live table: counts by status, then running trials and the best finished ones with key hyperparameters.
+
+    `value` and `best` are the first objective's latest value and its value at the epoch selected so far; with
+    several objectives, `others` holds the other objectives at that epoch (the trial's point so far)."""
     metric = objective.metric
     counts: dict[str, int] = {}
     for row in rows:
@@ -24,8 +27,10 @@ def progress_table(rows: list[dict[str, Any]], keys: list[str], objective: Objec
     sign = -1.0 if objective.mode == "max" else 1.0
     shown = sorted(rows, key=lambda r: (rank.get(r["status"], 2), sign * r["best"] if isinstance(r["best"], (int, float)) else math.inf))[:limit]
     short = {key: ".".join(key.split(".")[-2:]) for key in keys}
-    header = ["trial", "status", "epochs", metric, "best"] + [short[k] for k in keys]
-    lines = [[r["trial"], r["status"].lower(), r["epochs"], _fmt(r["value"]), _fmt(r["best"])] + [_fmt(r["config"].get(k)) for k in keys]
+    others = list(objective.metrics[1:])
+    header = ["trial", "status", "epochs", metric, "best"] + [f"{m} there" for m in others] + [short[k] for k in keys]
+    lines = [[r["trial"], r["status"].lower(), r["epochs"], _fmt(r["value"]), _fmt(r["best"])]
+             + [_fmt(r.get("others", {}).get(m)) for m in others] + [_fmt(r["config"].get(k)) for k in keys]
              for r in shown]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
     summary = ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items()))
@@ -104,6 +109,7 @@ class ProgressTable(tune.Callback):
             epochs = self.trunks.get(trial.trial_id) if EPOCHS not in last else None  # Tune fills some keys before any report
             rows.append({"trial": trial.trial_id, "status": trial.status, "config": trial.config,
                          "epochs": epochs or f"{last.get(EPOCHS, 0)}/{self.max_epochs}", "value": last.get(self.objective.metric),
-                         "best": last.get(f"best/{self.objective.metric}")})
+                         "best": last.get(f"best/{self.objective.metric}"),
+                         "others": {m: last.get(f"best/{m}") for m in self.objective.metrics[1:]}})
         print(progress_table(rows, self.keys, self.objective, time.monotonic() - self.start), file=self.stream or sys.stdout, flush=True)
         self.last, self.dirty = time.monotonic(), False

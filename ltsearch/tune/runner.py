@@ -22,7 +22,7 @@ from ltsearch.tracking.record import data_tags
 from ltsearch.tracking.warmup import prewarm
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION
 from ltsearch.tune._names import SWEEP_FILE, TRIALS_FILE, _absolute, _join, _split
-from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, TUNE_DOMAINS, SchedulerContext
+from ltsearch.tune.algorithms import SCHEDULERS, TUNE_DOMAINS, SchedulerContext, make_sampler
 from ltsearch.tune.epochlog import EpochLog
 from ltsearch.tune.outputs import SweepOutcome, finish
 from ltsearch.tune.progress import ProgressTable
@@ -57,12 +57,13 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
                                  board=sharing.board if sharing is not None else None)
         live = SweepTracking(sweep, directory, data_tags, population_based) if sweep.tracking.enabled else None
         ours = [EpochLog(directory)] + ([live] if live is not None else [])
+        judged, judged_mode = sweep.judged
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=sweep.objective.metric, mode=sweep.objective.mode, search_alg=search_alg,
-                scheduler=scheduler.obj(sweep.scheduler.params, SchedulerContext(sweep.max_active_epochs, sweep.space)),
+            tune_config=tune.TuneConfig(  # no metric here: the searcher and the scheduler are each given theirs (a list and one)
+                search_alg=search_alg,
+                scheduler=scheduler.obj(sweep.scheduler.params, SchedulerContext(sweep.max_active_epochs, sweep.space, judged, judged_mode)),
                 num_samples=num_samples, max_concurrent_trials=sweep.search.max_concurrent,
                 reuse_actors=True, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
@@ -70,9 +71,10 @@ def run_sweep(sweep: Sweep, *, directory: str | None = None, address: str | None
                 failure_config=tune.FailureConfig(max_failures=sweep.execution.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if population_based else sweep.execution.checkpoint.keep)),
         )
+        judging = f" judging {judged}" if sweep.scheduler.judges and sweep.objective.multi else ""
         print(f"ltsearch tune: {sweep.source}: {sweep.num_trials} trials of at most {sweep.max_epochs} epochs, sampler "
-              f"{sweep.search.sampler}, scheduler {sweep.scheduler.name}, metric {sweep.objective.metric} ({sweep.objective.mode}); "
-              f"writing {directory}", file=stream, flush=True)
+              f"{sweep.search.sampler}, scheduler {sweep.scheduler.name}{judging}, "
+              f"{'objectives' if sweep.objective.multi else 'metric'} {sweep.objective.describe()}; writing {directory}", file=stream, flush=True)
         grid = tuner.fit()
         report_sharing(sharing, stream)
     return _finish(sweep, directory, grid, data_tags, stream, live)
@@ -139,12 +141,17 @@ def _search(sweep: Sweep, *, random_population: bool) -> tuple[Any, dict | None,
     Normally Optuna proposes every point through the define-by-run space, with grid cells enqueued
     `num_samples` times each. A scheduler that needs its own random population (PBT) gets Ray's
     random generator over Tune domains instead (grid keys as grid_search, repeated `num_samples` times).
+
+    With several objectives the searcher is told each trial's values at its selected epoch (`best/<metric>`,
+    one model: objectives.py), which is what its Pareto front is made of; with one, the metric as before.
     """
     if random_population:
         domains = {p.key: TUNE_DOMAINS[type(p.dist)](p.dist) for p in sweep.space.params}
         return BasicVariantGenerator(random_state=sweep.search.seed), domains, sweep.search.num_samples
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines repeat the progress table
     points = [dict(cell) for cell in sweep.cells for _ in range(sweep.search.num_samples)]
-    searcher = OptunaSearch(space=sweep.space.sample, metric=sweep.objective.metric, mode=sweep.objective.mode,
-                            sampler=SAMPLERS.get(sweep.search.sampler).obj(sweep.search.seed), points_to_evaluate=points or None)
+    objective = sweep.objective
+    metric, mode = ([f"best/{m}" for m in objective.metrics], list(objective.modes)) if objective.multi else (objective.metric, objective.mode)
+    sampler = make_sampler(sweep.search.sampler, sweep.search.seed, sweep.search.population_size)
+    searcher = OptunaSearch(space=sweep.space.sample, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
     return searcher, None, sweep.num_trials

@@ -1,15 +1,14 @@
 """The search file: its typed sections (search:, metric:/mode:, resources:, checkpoint:, ...) and `Sweep`,
-a parsed search file validated end to end (`load_sweep`, `parse_sweep`).
+a parsed search file validated end to end (`load_sweep`, `parse_sweep`). `metric:`/`mode:` (one objective or
+several) live in objectives.py.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from ltsearch import _checks as check
 from ltsearch.config import RUN_SECTIONS, apply_overrides, build, read_yaml
@@ -18,6 +17,7 @@ from ltsearch.space import Point, SearchSpace, parse_space, validate_space
 from ltsearch.tracking.settings import SECTION as TRACKING_SECTION, TrackingConfig, parse_tracking
 from ltsearch.tune._names import _absolute, _join
 from ltsearch.tune.algorithms import SAMPLERS, SCHEDULERS, SchedulerSpec, _importable, parse_scheduler, pbt_keys
+from ltsearch.tune.objectives import Objective, parse_objective
 
 
 @dataclass
@@ -26,12 +26,14 @@ class SearchConfig:
 
     `num_samples` is the number of trials, or with `grid` keys the number per grid cell (Ray's
     grid_search semantics). `max_concurrent` caps running trials (None: as many as resources allow).
+    `population_size` is NSGA-II's generation size (None: Optuna's, NSGA_POPULATION).
     """
 
     sampler: str = "tpe"
     num_samples: int = 10
     seed: int = 0
     max_concurrent: int | None = None
+    population_size: int | None = None
 
     def validate(self, where: str) -> None:
         entry = SAMPLERS.get(self.sampler)
@@ -44,27 +46,14 @@ class SearchConfig:
         check.number(f"{where}.seed", self.seed, low=0)
         if self.max_concurrent is not None:
             check.number(f"{where}.max_concurrent", self.max_concurrent, low=1)
-
-
-@dataclass
-class Objective:
-    """`metric:` / `mode:` — what the searcher and scheduler optimise; always a validation metric (honest protocol)."""
-
-    metric: str = "val/top1"
-    mode: Literal["max", "min"] = "max"
-
-    def validate(self, where: str) -> None:
-        if not self.metric.startswith("val/"):
-            raise ConfigError("metric", self.metric, "a validation metric such as 'val/top1' or 'val/bacc'",
-                              hint="Searching on test leaks the test set into the choice of hyperparameters.")
-
-    def better(self, a: float | None, b: float | None) -> bool:
-        """Whether `a` beats `b` (None never wins)."""
-        if a is None or (isinstance(a, float) and math.isnan(a)):
-            return False
-        if b is None:
-            return True
-        return a > b if self.mode == "max" else a < b
+        if self.population_size is not None:
+            population = [name for name in SAMPLERS.names() if SAMPLERS.get(name).meta.get("population")]
+            if self.sampler not in population:
+                raise ConfigError(f"{where}.population_size", self.population_size,
+                                  f"nothing with sampler '{self.sampler}': only {population} breed generations",
+                                  hint="Drop search.population_size, or use search.sampler: nsgaii.")
+            check.integer(f"{where}.population_size", self.population_size)
+            check.number(f"{where}.population_size", self.population_size, low=2)
 
 
 @dataclass
@@ -180,6 +169,12 @@ class Sweep:
         return self.search.num_samples * max(1, len(self.cells))
 
     @property
+    def judged(self) -> tuple[str, str]:
+        """(metric, mode) the scheduler stops or copies trials by: `scheduler.metric`, else the first objective."""
+        metric = self.scheduler.metric or self.objective.metric
+        return metric, self.objective.mode_of(metric)
+
+    @property
     def shares_data(self) -> bool:
         """Whether one dataset serves every trial (not when the space changes `data.*`)."""
         return not any(key.startswith("data.") for key in self.space.keys)
@@ -219,8 +214,9 @@ def _parse_sweep(raw: dict, source: str) -> Sweep:
     base = {key: copy.deepcopy(raw[key]) for key in RUN_SECTIONS if key in raw}
     space = parse_space(raw["space"], base)
     search = build(SearchConfig, raw.get("search"), "search")
-    objective = build(Objective, {k: raw[k] for k in OBJECTIVE_KEYS if k in raw}, "")
+    objective = parse_objective(raw)
     scheduler = parse_scheduler(raw.get("scheduler"))
+    check_objectives(objective, search, scheduler)
     execution = build(ExecutionConfig, {k: raw[k] for k in EXECUTION_KEYS if k in raw}, "")
     tracking = parse_tracking(raw.get(TRACKING_SECTION))
     cells = space.grid_cells(exhaustive=bool(SAMPLERS.get(search.sampler).meta.get("exhaustive")))
@@ -233,6 +229,23 @@ def _parse_sweep(raw: dict, source: str) -> Sweep:
     return Sweep(source=source, raw=raw, base=base, space=space, cells=tuple(cells), search=search, objective=objective,
                  scheduler=scheduler, execution=execution, tracking=tracking, corners_checked=checked.corners, max_epochs=checked.max_epochs,
                  max_active_epochs=checked.max_active_epochs)
+
+
+def check_objectives(objective: Objective, search: SearchConfig, scheduler: SchedulerSpec) -> None:
+    """The sampler can search that many objectives, and the scheduler judges one of them (PBT none of several)."""
+    if objective.multi and SAMPLERS.get(search.sampler).meta.get("single_objective"):
+        several = [name for name in SAMPLERS.names() if not SAMPLERS.get(name).meta.get("single_objective")]
+        raise ConfigError("search.sampler", search.sampler, f"a sampler that searches several objectives ({len(objective.metrics)} in "
+                          f"metric: {list(objective.metrics)}): one of {several}", hint="nsgaii and tpe are Optuna's multi-objective samplers.")
+    if objective.multi and SCHEDULERS.get(scheduler.name).meta.get("population_based"):
+        raise ConfigError("scheduler.name", scheduler.name, f"a scheduler that judges one objective at a time (asha, hyperband, median) "
+                          f"or fifo, since metric: has {len(objective.metrics)} objectives {list(objective.metrics)}",
+                          hint="PBT copies the checkpoints of the trials that are best by one number, and with several objectives "
+                               "no trial is best; use asha with scheduler.metric, or search one metric with pbt.")
+    if scheduler.metric is not None and scheduler.metric not in objective.metrics:
+        raise ConfigError("scheduler.metric", scheduler.metric, f"one of the objectives {list(objective.metrics)} (what the search optimises)",
+                          hint="A scheduler stops trials by one of the numbers the search optimises: add it to metric:, or name one "
+                               "of them.", choices=list(objective.metrics))
 
 
 def check_scheduler_epochs(scheduler: SchedulerSpec, max_epochs: int, train_epochs: int | None = None) -> None:

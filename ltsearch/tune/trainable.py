@@ -19,7 +19,8 @@ from ltsearch.prefix.fork import PrefixSharing, start_trainer
 from ltsearch.space import Point, apply_point
 from ltsearch.tracking.record import CLASS_COUNTS, PER_CLASS
 from ltsearch.tune._names import ACTIVE_EPOCHS, EPOCHS
-from ltsearch.tune.settings import Objective, Sweep
+from ltsearch.tune.objectives import Objective, select_epoch
+from ltsearch.tune.settings import Sweep
 
 
 @dataclass(frozen=True)
@@ -87,24 +88,23 @@ def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
 
 class _Reporter:
     """Turns one epoch's metrics into a Tune result: scalars, epoch counters (absolute, and after the method's start
-    epoch for schedulers), the running best, per-class lists, the prefix the trial forked from."""
+    epoch for schedulers), each objective at the epoch selected so far (`best/<metric>`, objectives.py's rule),
+    per-class lists, the prefix the trial forked from."""
 
     def __init__(self, objective: Objective, *, start_epoch: int, node: str, counts: list[int], prefix_key: str | None):
         self.objective, self.start_epoch, self.node, self.counts, self.prefix_key = objective, start_epoch, node, counts, prefix_key
-        self.best = None
+        self.best: dict[str, Any] | None = None
 
     def track_best(self, row: dict[str, Any]) -> None:
-        if not row.get(SELECTABLE, 1):  # before the method started (`train.select_epochs: active`)
-            return
-        value = row.get(self.objective.metric)
-        self.best = value if self.objective.better(value, self.best) else self.best
+        self.best = select_epoch([r for r in (self.best, row) if r is not None], self.objective, SELECTABLE) or self.best
 
     def metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         self.track_best(row)
         done = int(row["epoch"]) + 1
         metrics: dict[str, Any] = scalars(row)
-        metrics.update({EPOCHS: done, ACTIVE_EPOCHS: done - self.start_epoch, f"best/{self.objective.metric}": self.best,
-                        "node_id": self.node, PER_CLASS: row.get(PER_CLASS), CLASS_COUNTS: self.counts})
+        metrics.update({EPOCHS: done, ACTIVE_EPOCHS: done - self.start_epoch, "node_id": self.node, PER_CLASS: row.get(PER_CLASS),
+                        CLASS_COUNTS: self.counts})
+        metrics.update({f"best/{m}": (self.best or {}).get(m) for m in self.objective.metrics})
         if self.prefix_key is not None:
             metrics[PREFIX_KEY] = self.prefix_key
         return metrics
