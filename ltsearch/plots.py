@@ -4,6 +4,9 @@
   ordered head to tail. A mean accuracy hides the tail; this is the figure long-tail papers draw to show it.
 - `search_plot`: the objective against each searched key, one panel per key, so the shape of the response
   (and which keys matter) is visible without exporting the trials table.
+- `pareto_plot`: a multi-objective sweep's trials in objective space, its front numbered as `pareto/NN.yaml`
+  (2 objectives: a scatter; 3 or more: parallel coordinates, where a scatter cannot show them).
+- `importance_plot`: each searched key's importance per objective, from two evaluators side by side.
 """
 
 from __future__ import annotations
@@ -113,3 +116,101 @@ def search_plot(trials: Sequence[dict[str, Any]], keys: Sequence[str], metric: s
 def _decades(values: Sequence[float]) -> float:
     low, high = min(values), max(values)
     return math.log10(high / low) if low > 0 else 0.0
+
+
+FRONT_COLOUR = "#c44e52"
+OTHER_COLOUR = "#9a9a9a"
+
+
+def pareto_plot(points: Sequence[dict[str, Any]], metrics: Sequence[str], modes: Sequence[str], title: str) -> bytes:
+    """Trials in objective space: `points` are {values, label (front point number or None), eligible}.
+
+    Two objectives: a scatter of every trial, dominated ones grey, trials stopped early hollow (not eligible for
+    the front), the front red, numbered and joined by its staircase. Three or more: parallel coordinates, one
+    axis per objective scaled to the trials' range with better up (a `min` objective is flipped), the front's
+    lines red and numbered at the right, the others grey.
+    """
+    if len(metrics) == 2:
+        return _pareto_scatter(points, metrics, modes, title)
+    return _pareto_parallel(points, metrics, modes, title)
+
+
+def _pareto_scatter(points: Sequence[dict[str, Any]], metrics: Sequence[str], modes: Sequence[str], title: str) -> bytes:
+    figure, axes = _figure(6.4, 4.8)
+    ax = axes[0][0]
+    for point in points:
+        x, y = point["values"]
+        if point["label"] is None:
+            ax.scatter([x], [y], s=26, facecolors=OTHER_COLOUR if point["eligible"] else "none", edgecolors=OTHER_COLOUR, zorder=2)
+    front = sorted((p for p in points if p["label"] is not None), key=lambda p: p["values"][0])
+    if front:
+        xs, ys = [p["values"][0] for p in front], [p["values"][1] for p in front]
+        # the boundary of what the front dominates: between two points it holds the value of the one better on x
+        ax.step(xs, ys, where="pre" if modes[0] == "max" else "post", color=FRONT_COLOUR, alpha=0.5, lw=1, zorder=1)
+        ax.scatter(xs, ys, s=40, color=FRONT_COLOUR, zorder=3)
+        for p in front:
+            ax.annotate(p["label"], p["values"], textcoords="offset points", xytext=(4, 4), fontsize=8, color=FRONT_COLOUR)
+    ax.set_xlabel(f"{metrics[0]} ({'higher' if modes[0] == 'max' else 'lower'} is better)")
+    ax.set_ylabel(f"{metrics[1]} ({'higher' if modes[1] == 'max' else 'lower'} is better)")
+    ax.set_title(f"{title}\nfront: {len(front)} of {len(points)} trials (red; grey: dominated; hollow: stopped early)", fontsize=9)
+    ax.grid(alpha=0.3)
+    return _png(figure)
+
+
+def _pareto_parallel(points: Sequence[dict[str, Any]], metrics: Sequence[str], modes: Sequence[str], title: str) -> bytes:
+    figure, axes = _figure(max(6.0, 2.2 * len(metrics)), 4.6)
+    ax = axes[0][0]
+    columns = list(zip(*[p["values"] for p in points])) if points else [() for _ in metrics]
+    bounds = [(min(c), max(c)) if c else (0.0, 1.0) for c in columns]
+
+    def scaled(values: Sequence[float]) -> list[float]:
+        out = []
+        for value, (low, high), mode in zip(values, bounds, modes):
+            share = 0.5 if high == low else (value - low) / (high - low)
+            out.append(share if mode == "max" else 1.0 - share)
+        return out
+
+    positions = list(range(len(metrics)))
+    for point in sorted(points, key=lambda p: p["label"] is not None):  # the front is drawn last, on top
+        on_front = point["label"] is not None
+        ax.plot(positions, scaled(point["values"]), color=FRONT_COLOUR if on_front else OTHER_COLOUR, lw=1.6 if on_front else 0.8,
+                alpha=0.9 if on_front else 0.5, ls="-" if point["eligible"] or on_front else ":")
+        if on_front:
+            ax.annotate(point["label"], (positions[-1], scaled(point["values"])[-1]), textcoords="offset points", xytext=(5, 0),
+                        fontsize=8, color=FRONT_COLOUR, va="center")
+    for position, (low, high), mode in zip(positions, bounds, modes):
+        ax.axvline(position, color="#444", lw=0.8)
+        best, worst = (high, low) if mode == "max" else (low, high)
+        ax.text(position, 1.03, f"{best:.4g}", ha="center", fontsize=8)
+        ax.text(position, -0.07, f"{worst:.4g}", ha="center", va="top", fontsize=8)
+    ax.set_xticks(positions, [f"{m} ({d})" for m, d in zip(metrics, modes)], fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-0.15, 1.12)
+    ax.set_xlim(-0.3, len(metrics) - 0.5)
+    front = sum(p["label"] is not None for p in points)
+    ax.set_title(f"{title}\nfront: {front} of {len(points)} trials (red); each axis spans the trials' values, better up", fontsize=9)
+    return _png(figure)
+
+
+def importance_plot(rows: Sequence[dict[str, Any]], metrics: Sequence[str], evaluators: Sequence[str], title: str) -> bytes:
+    """One panel per objective: a horizontal bar per searched key and evaluator.
+
+    `rows` are {label, <evaluator> <metric>: importance or None}; labels keep the table's order (most important
+    first on the first objective). A key without a value (too few trials sampled it) has no bar.
+    """
+    labels = [row["label"] for row in rows]
+    figure, axes = _figure(min(5.0 * len(metrics), 16.0), max(2.4, 0.42 * len(labels) + 1.2), ncols=len(metrics))
+    colours = ["#4c72b0", "#dd8452", "#55a868"]
+    height = 0.8 / max(1, len(evaluators))
+    for ax, metric in zip(axes[0], metrics):
+        for offset, (evaluator, colour) in enumerate(zip(evaluators, colours)):
+            values = [row.get(f"{evaluator} {metric}") for row in rows]
+            ax.barh([i + offset * height for i in range(len(labels))], [v or 0.0 for v in values], height=height, color=colour,
+                    label=evaluator)
+        ax.set_yticks([i + height * (len(evaluators) - 1) / 2 for i in range(len(labels))], labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("importance", fontsize=9)
+        ax.set_title(metric, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    figure.suptitle(title, fontsize=10)
+    return _png(figure)

@@ -89,17 +89,22 @@ def location_exists(uri: str) -> bool:
 
 def write_text_to(text: str, uri: str) -> str:
     """Write a small text file anywhere pyarrow reaches; local files are replaced atomically."""
+    return write_bytes_to(text.encode(), uri)
+
+
+def write_bytes_to(content: bytes, uri: str) -> str:
+    """Write a small file (text, a PNG) anywhere pyarrow reaches; local files are replaced atomically."""
     if "://" not in uri:
         path = Path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
+        tmp.write_bytes(content)
         os.replace(tmp, path)
         return uri
     filesystem, path = _location(uri)
     filesystem.create_dir(path.rpartition("/")[0], recursive=True)
     with filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode())
+        stream.write(content)
     return uri
 
 

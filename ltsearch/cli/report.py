@@ -90,37 +90,50 @@ def _saved_ablation(directory: Path):
 
 
 def sweep_report(directory: Path, fmt: str, metric: str | None, top: int) -> str:
-    """The best `top` trials: from trials.parquet when the sweep finished, else from the driver's epoch log (partial)."""
+    """The best `top` trials: from trials.parquet when the sweep finished, else from the driver's epoch log (partial).
+
+    A multi-objective sweep prints its Pareto front instead (unless --metric asks for one metric's ranking); partial,
+    each trial's point so far and whether it is on the front of the trials reported so far."""
     from ltsearch.results import read_table
     from ltsearch.tune import parse_sweep
     from ltsearch.tune._names import EPOCHS
     from ltsearch.tune.epochlog import read_epoch_log
+    from ltsearch.tune.pareto import front, front_so_far, front_table, point_rows
 
+    if fmt not in ("md", "csv"):
+        raise ConfigError("--format", fmt, "md or csv for a sweep (latex and html are for ablation matrices)")
     sweep = parse_sweep(yaml.safe_load((directory / "sweep.yaml").read_text()), source=str(directory / "sweep.yaml"))
-    metric = metric or sweep.objective.metric
-    sign = 1.0 if sweep.objective.mode == "max" else -1.0
+    objective, keys = sweep.objective, list(sweep.space.keys)
+    several = objective.multi and metric is None
+    metric = metric or objective.metric
+    mode = objective.mode_of(metric) if metric in objective.metrics else objective.mode
+    sign = 1.0 if mode == "max" else -1.0
     if (directory / "trials.parquet").is_file():
         rows, head = read_table(directory / "trials.parquet"), ""
+        if several:
+            points = point_rows(front(rows, objective), objective, keys)
+            return _csv(points) if fmt == "csv" else f"**{sweep.name}**\n\n" + front_table(objective, points, keys, rows)
         table = [{"trial": r["trial_id"], "status": r["status"], "epochs": r["epochs"], metric: r.get(f"best/{metric}"),
-                  **{k: r.get(k) for k in sweep.space.keys}} for r in rows]
+                  **{k: r.get(k) for k in keys}} for r in rows]
     else:
         logged = read_epoch_log(str(directory), EPOCHS)
         head = f"partial: the sweep has not finished; {len(logged)} trials reported so far\n\n"
-        table = []
-        for trial, epochs in logged.items():
-            values = [e[metric] for e in epochs if isinstance(e.get(metric), (int, float))]
-            table.append({"trial": trial, "status": "running or stopped", "epochs": len(epochs),
-                          metric: (max if sign > 0 else min)(values) if values else None})
+        if several:
+            table = front_so_far(objective, logged)
+        else:
+            table = []
+            for trial, epochs in logged.items():
+                values = [e[metric] for e in epochs if isinstance(e.get(metric), (int, float))]
+                table.append({"trial": trial, "status": "running or stopped", "epochs": len(epochs),
+                              metric: (max if sign > 0 else min)(values) if values else None})
     table.sort(key=lambda r: -sign * r[metric] if isinstance(r[metric], (int, float)) else float("inf"))
     table = table[:top]
     if fmt == "csv":
         return _csv(table)
-    if fmt != "md":
-        raise ConfigError("--format", fmt, "md or csv for a sweep (latex and html are for ablation matrices)")
     columns = list(table[0]) if table else ["trial"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in table]
-    return head + f"**{sweep.name}: best {len(table)} trials by {metric} ({sweep.objective.mode})**\n\n" + "\n".join(lines) + "\n"
+    return head + f"**{sweep.name}: best {len(table)} trials by {metric} ({mode})**\n\n" + "\n".join(lines) + "\n"
 
 
 def _cell(value: object) -> str:

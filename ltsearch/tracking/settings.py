@@ -46,6 +46,8 @@ TAG_COMMAND = "ltsearch.command"  # the command line that launched it
 TAG_VERSION = "ltsearch.version"
 TAG_GIT = "ltsearch.git_commit"
 TAG_NAMES = "ltsearch.names"  # JSON {name: MLflow key} of the names this run holds under other keys (names.py)
+TAG_OBJECTIVES = "ltsearch.objectives"  # a sweep's objectives, "val/top1 (max), val/few (max)"; TAG_METRIC is the first
+TAG_PARETO = "ltsearch.pareto"  # on a multi-objective sweep's finished trials: "true" for the Pareto front's points
 
 KINDS = ("sweep", "trial", "train", "ablation", "cell")
 PARENT_KINDS = ("sweep", "ablation")

@@ -16,6 +16,8 @@ SWEEP_FILE = "sweep.yaml"
 BEST_FILE = "best.yaml"
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
+#: trials.parquet column of a multi-objective sweep: whether the trial is a point of the Pareto front
+PARETO_COLUMN = "pareto"
 
 
 def _absolute(location: str) -> str:

@@ -1,5 +1,5 @@
 """What a sweep leaves: every trial collected from storage (`finish`), trials.parquet, history.parquet,
-best.yaml and the summary printed at the end.
+best.yaml, with several objectives the Pareto front (pareto.py), and the summary printed at the end.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from ltsearch.config import dump_yaml
 from ltsearch.epochs import SELECTABLE
 from ltsearch.results import location_exists, read_text_from, write_table_to, write_text_to
 from ltsearch.tracking.record import CLASS_COUNTS
-from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, TRIALS_FILE, _join
+from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, PARETO_COLUMN, TRIALS_FILE, _join
 from ltsearch.tune.epochlog import RAY_KEYS, read_epoch_log
+from ltsearch.tune.objectives import select_epoch
+from ltsearch.tune.pareto import PARETO_DIR, PARETO_FILE, PARETO_PLOT, front, front_table, write_front
 from ltsearch.tune.progress import _fmt
 from ltsearch.tune.settings import Sweep
 from ltsearch.tune.trainable import TrialPlan, _plan, trial_run_config
@@ -27,13 +29,15 @@ from ltsearch.tune.trainable import TrialPlan, _plan, trial_run_config
 
 @dataclass
 class SweepOutcome:
-    """What a finished sweep leaves: its directory, one row per trial, one row per trial-epoch, the best trial."""
+    """What a finished sweep leaves: its directory, one row per trial, one row per trial-epoch, the best trial (on the
+    first objective), and with several objectives the rows of pareto.parquet."""
 
     directory: str
     trials: list[dict[str, Any]]
     history: list[dict[str, Any]]
     best: dict[str, Any] | None
     finished: bool
+    front: list[dict[str, Any]] | None = None
 
 
 def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome:
@@ -55,13 +59,20 @@ def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome
     if not finished:
         print(f"the sweep stopped before every trial finished; continue it with: ltsearch tune --resume {directory}", file=stream)
         return outcome
+    if sweep.objective.multi:
+        on_front = {row["trial_id"] for row in front(trials, sweep.objective)}
+        for row in trials:
+            row[PARETO_COLUMN] = row["trial_id"] in on_front
     write_table_to(trials, _join(directory, TRIALS_FILE))
     write_table_to(history, _join(directory, HISTORY_FILE))
     if best is not None:
         config = trial_run_config(plan, best["config"])
-        header = (f"# best trial {best['trial_id']} of sweep {directory}\n# {sweep.objective.metric} = {best[f'best/{sweep.objective.metric}']} "
+        values = ", ".join(f"{m} = {best[f'best/{m}']}" for m in sweep.objective.metrics)
+        header = (f"# best trial {best['trial_id']} of sweep {directory}\n# {values} "
                   f"at epoch {best['best_epoch'] + 1}/{best['planned_epochs']} ({best['epochs']} epochs run)\n# rerun: ltsearch train {_join(directory, BEST_FILE)}\n")
         write_text_to(header + dump_yaml(config), _join(directory, BEST_FILE))
+    if sweep.objective.multi:
+        outcome.front = write_front(sweep.objective, list(sweep.space.keys), directory, trials, plan, sweep.name)
     _print_summary(sweep, outcome, stream)
     return outcome
 
@@ -125,12 +136,7 @@ def _trial_row(trial_id: str, result: Any, rows: list[dict[str, Any]], plan: Tri
     epochs = rows[-1][EPOCHS] if rows else 0
     planned = trial_run_config(plan, config).train.epochs
     status = "error" if result.error else "completed" if epochs >= planned else "stopped" if (result.metrics or {}).get("done") else "unfinished"
-    best = None
-    for row in rows:
-        if not row.get(SELECTABLE, 1):  # an epoch before the trial's method started (`train.select_epochs: active`)
-            continue
-        if best is None or sweep.objective.better(row.get(sweep.objective.metric), best.get(sweep.objective.metric)):
-            best = row
+    best = select_epoch(rows, sweep.objective, SELECTABLE)  # never an epoch before the method started (`train.select_epochs`)
     metric_keys = [k for k in (rows[-1] if rows else {}) if k not in (EPOCHS, "node_id", "epoch", CLASS_COUNTS) and not k.startswith("best/")]
     out: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs": epochs, "planned_epochs": planned,
                            "best_epoch": best.get("epoch") if best else None, "node_id": rows[-1].get("node_id") if rows else None,
@@ -156,7 +162,13 @@ def _print_summary(sweep: Sweep, outcome: SweepOutcome, stream: Any) -> None:
         return
     params = ", ".join(f"{k}={_fmt(best['config'].get(k))}" for k in sweep.space.keys if k in best["config"])
     test = best.get("best/test/top1")
-    print(f"best trial {best['trial_id']}: {metric} {_fmt(best[f'best/{metric}'])} at epoch {best['best_epoch'] + 1}/{best['planned_epochs']}"
+    others = "".join(f", {m} {_fmt(best.get(f'best/{m}'))}" for m in sweep.objective.metrics[1:])
+    print(f"best trial {best['trial_id']}: {metric} {_fmt(best[f'best/{metric}'])}{others} at epoch {best['best_epoch'] + 1}/{best['planned_epochs']}"
           f"{f' (test/top1 {_fmt(test)} there)' if test is not None else ''}; {params}", file=stream)
     print(f"wrote {_join(outcome.directory, BEST_FILE)} (rerun: ltsearch train {_join(outcome.directory, BEST_FILE)}), "
           f"{TRIALS_FILE}, {HISTORY_FILE}", file=stream, flush=True)
+    if outcome.front is not None:
+        print("\n" + front_table(sweep.objective, outcome.front, list(sweep.space.keys), outcome.trials), file=stream)
+        first = _join(outcome.directory, outcome.front[0]["file"]) if outcome.front else None
+        print(f"wrote {PARETO_FILE}, {PARETO_PLOT} and one run config per point in {_join(outcome.directory, PARETO_DIR)}/"
+              + (f" (rerun one: ltsearch train {first})" if first else ""), file=stream, flush=True)

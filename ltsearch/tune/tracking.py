@@ -28,7 +28,9 @@ from ltsearch.tracking.settings import TrackingConfig
 from ltsearch.results import location_exists, read_bytes_from
 from ltsearch.tune._names import BEST_FILE, EPOCHS, SWEEP_FILE, TRIALS_FILE, _join
 from ltsearch.tune.epochlog import RAY_KEYS
+from ltsearch.tune.objectives import EPOCH_RULE_TEXT
 from ltsearch.tune.outputs import SweepOutcome, error_reason
+from ltsearch.tune.pareto import PARETO_FILE, PARETO_PLOT, front, point_rows
 from ltsearch.tune.settings import Sweep
 from ltsearch.tune.trainable import TrialPlan, _plan, trial_run_config
 
@@ -123,6 +125,8 @@ def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags:
             recorder.epochs(trial["trial_id"], rows)  # only steps the store lacks are written: normally none
         else:
             _record_trial(recorder, plan, keys, trial, rows)
+    if outcome.finished and sweep.objective.multi:
+        _record_front(recorder, sweep, outcome.trials)
     status = "FINISHED" if outcome.finished else "KILLED"
     recorder.summarize_parent(status, outcome.trials, keys, _parent_files(sweep, directory) if outcome.finished else {})
     parent_id = tracker.run_id(PARENT)
@@ -130,6 +134,17 @@ def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags:
     if unwritten or parent_id is None:
         return None
     return f"tracked in MLflow ({tracker.uri}, experiment '{tracker.experiment_name}', parent run {parent_id}); browse with: ltsearch ui"
+
+
+def _record_front(recorder: RunRecorder, sweep: Sweep, trials: list[dict[str, Any]]) -> None:
+    """Tag every finished trial `ltsearch.pareto` true or false (a resumed sweep's front may differ from an earlier
+    record), and put the front on the parent as an MLflow table beside pareto.png and pareto.parquet."""
+    points = front(trials, sweep.objective)
+    on_front = {row["trial_id"] for row in points}
+    for trial in trials:
+        if trial["status"] != "unfinished":
+            recorder.tracker.set_tags(trial["trial_id"], {contract.TAG_PARETO: str(trial["trial_id"] in on_front).lower()})
+    recorder.tracker.log_table(PARENT, "pareto.json", point_rows(points, sweep.objective, list(sweep.space.keys)))
 
 
 def _record_trial(recorder: RunRecorder, plan: TrialPlan, keys: list[str], trial: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -156,7 +171,7 @@ def _by_epoch(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _parent_files(sweep: Sweep, directory: str) -> dict[str, bytes]:
     """The launching YAML as given and as resolved, the trials table and best.yaml, read back from the sweep directory."""
     files: dict[str, bytes] = {}
-    for name in (SWEEP_FILE, TRIALS_FILE, BEST_FILE):
+    for name in (SWEEP_FILE, TRIALS_FILE, BEST_FILE, PARETO_FILE, PARETO_PLOT):
         location = _join(directory, name)
         if location_exists(location):
             files[name] = read_bytes_from(location)
@@ -169,9 +184,14 @@ def parent_params(sweep: Sweep) -> dict[str, Any]:
 
 
 def sweep_tags(sweep: Sweep) -> dict[str, str]:
-    return {"ltsearch.source": sweep.source, "ltsearch.sampler": sweep.search.sampler, "ltsearch.scheduler": sweep.scheduler.name,
+    tags = {"ltsearch.source": sweep.source, "ltsearch.sampler": sweep.search.sampler, "ltsearch.scheduler": sweep.scheduler.name,
             "ltsearch.num_trials": str(sweep.num_trials), "ltsearch.max_epochs": str(sweep.max_epochs),
-            "ltsearch.space": ", ".join(sweep.space.keys)}
+            "ltsearch.space": ", ".join(sweep.space.keys), contract.TAG_OBJECTIVES: sweep.objective.describe()}
+    if sweep.objective.multi:
+        tags["ltsearch.epoch_rule"] = EPOCH_RULE_TEXT
+    if sweep.scheduler.judges:
+        tags["ltsearch.scheduler_metric"] = sweep.judged[0]
+    return tags
 
 
 def _point(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
