@@ -82,10 +82,10 @@ def test_objectives_parse_single_and_several_and_dominance_keeps_ties():
 
 
 # ========================================================================================= real Ray
-def test_two_objective_sweep_writes_its_front_and_a_front_point_reruns_to_its_values(ray_runtime, tmp_path, mlflow_store):
+def test_two_objective_sweep_writes_its_front_and_a_front_point_reruns_to_its_values(ray_runtime, tmp_path, mlflow_store, capsys):
     stream = io.StringIO()
     outcome = run_sweep(load_sweep(QUICKSTART, [*SMALL, *TWO, "train.epochs=4", "search.sampler=nsgaii", "search.population_size=4",
-                                                "search.num_samples=8", "scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
+                                                "search.num_samples=10", "scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
                                                 "scheduler.metric=val/few"]),
                         directory=str(tmp_path / "sweep"), stream=stream, progress_interval_s=60)
     assert outcome.finished
@@ -114,9 +114,14 @@ def test_two_objective_sweep_writes_its_front_and_a_front_point_reruns_to_its_va
     (parent,) = [r for r in runs if r.data.tags["ltsearch.kind"] == "sweep"]
     assert parent.data.tags["ltsearch.objectives"] == "val/top1 (max), val/few (max)"
     assert parent.data.tags["ltsearch.scheduler_metric"] == "val/few"
-    assert {"pareto.png", "pareto.parquet", "pareto.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts = {"pareto.png", "pareto.parquet", "pareto.json", "importance.png", "importance.md", "importance.json"}
+    assert artifacts <= {a.path for a in client.list_artifacts(parent.info.run_id)}  # 10 finished trials: importance in the summary
+    assert "**Parameter importance, quickstart: 10 finished trials" in log
     tagged = {r.data.tags["ltsearch.trial_id"] for r in runs if r.data.tags.get("ltsearch.pareto") == "true"}
     assert tagged == expected
+
+    assert main(["report", str(directory), "--importance"]) == 0  # the same, again, from the stored trials: logged to the same run
+    assert f"to the sweep run {parent.info.run_id}" in capsys.readouterr().out
 
 
 class InterruptAfterFirstTrial(tune.Callback):

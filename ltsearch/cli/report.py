@@ -1,8 +1,11 @@
-"""`ltsearch report NAME|DIR [--format md|latex|html|csv] [--metric KEY] [--top N] [--diagnostics]`: print stored results, run nothing.
+"""`ltsearch report NAME|DIR [--format md|latex|html|csv] [--metric KEY] [--top N] [--diagnostics] [--importance]`: print
+stored results, run nothing.
 
 DIR is an ablation directory (its matrix, rebuilt from the runs' result files) or a sweep directory (its
-best trials); NAME finds the newest `<storage>/<NAME>-<time>` directory of either kind. A partly finished
-ablation or sweep prints what exists, marked as partial.
+best trials, or with several objectives its Pareto front); NAME finds the newest `<storage>/<NAME>-<time>`
+directory of either kind. A partly finished ablation or sweep prints what exists, marked as partial.
+`--importance` (sweeps) adds each searched key's importance per objective (tune/importance.py), written beside
+the sweep's files and logged to its MLflow run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, default=10, help="sweeps: how many trials (default 10)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="ablations: also what each row's method did while it was on (its aug/* and aux-loss means)")
+    parser.add_argument("--importance", action="store_true",
+                        help="sweeps: also each searched key's importance per objective (fANOVA, PED-ANOVA) from the finished trials; "
+                             "writes importance.md/.parquet/.png in the sweep directory and logs them to the sweep's MLflow run")
     parser.add_argument("--storage", default="runs", help="where to look for NAME (default: runs)")
     parser.set_defaults(handler=run)
 
@@ -35,11 +41,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     directory = locate(args.target, Path(args.storage))
     if (directory / "ablation.yaml").is_file():
+        if args.importance:
+            raise ConfigError("--importance", str(directory), "a sweep directory; an ablation's matrix already says what each row changes")
         print(ablation_report(directory, args.format, args.metric), end="")
         if args.diagnostics:
             print("\n" + diagnostics_report(directory), end="")
     else:
         print(sweep_report(directory, args.format, args.metric, args.top), end="")
+        if args.importance:
+            print("\n" + importance_report(directory), end="")
     return 0
 
 
@@ -134,6 +144,25 @@ def sweep_report(directory: Path, fmt: str, metric: str | None, top: int) -> str
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in table]
     return head + f"**{sweep.name}: best {len(table)} trials by {metric} ({mode})**\n\n" + "\n".join(lines) + "\n"
+
+
+def importance_report(directory: Path) -> str:
+    """The importance table of a finished sweep; its files written beside the sweep's and logged to its MLflow run."""
+    from ltsearch.results import read_table
+    from ltsearch.tracking.record import attach_to_parent
+    from ltsearch.tune import parse_sweep
+    from ltsearch.tune.importance import IMPORTANCE_FILE, IMPORTANCE_PLOT, IMPORTANCE_TABLE, compute, wide_rows, write
+    from ltsearch.tune.tracking import SWEEP_KIND
+
+    if not (directory / "trials.parquet").is_file():
+        raise ConfigError("--importance", str(directory), "a finished sweep (its trials.parquet); importances need every trial's result",
+                          hint=f"Finish it first: ltsearch tune --resume {directory}")
+    sweep = parse_sweep(yaml.safe_load((directory / "sweep.yaml").read_text()), source=str(directory / "sweep.yaml"))
+    result = compute(sweep, read_table(directory / "trials.parquet"))
+    text = write(result, str(directory), directory.name)
+    files = {name: (directory / name).read_bytes() for name in (IMPORTANCE_TABLE, IMPORTANCE_FILE, IMPORTANCE_PLOT)}
+    said = attach_to_parent(sweep.tracking, sweep.name, SWEEP_KIND, str(directory.resolve()), files, {"importance.json": wide_rows(result)})
+    return text + f"\nwrote {IMPORTANCE_TABLE}, {IMPORTANCE_FILE} and {IMPORTANCE_PLOT} in {directory}; {said}\n"
 
 
 def _cell(value: object) -> str:

@@ -13,6 +13,7 @@ epoch selected on validation (tag `ltsearch.selected_epoch`, same numbering). Ra
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import subprocess
@@ -216,6 +217,54 @@ def _class_plot(row: dict[str, Any], title: str) -> bytes | None:
         return None
     return per_class_plot([None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in per_class],
                           [int(c) for c in counts], title)
+
+
+def attach_to_parent(settings: contract.TrackingConfig, experiment: str, kind: str, directory: str, files: dict[str, bytes],
+                     tables: dict[str, list[dict[str, Any]]]) -> str:
+    """Add files and MLflow tables to the parent run recorded for `directory` (what `ltsearch report` computes after
+    the run ended); its status and everything else stay. Never creates a run: returns one line saying where the
+    files went, or why they did not (tracking off, no such run in the store, the store unreachable)."""
+    import tempfile
+
+    import pandas
+
+    from ltsearch.tracking.warmup import open_client
+
+    if not settings.enabled:
+        return "tracking is off for it (tracking.enabled: false): nothing logged"
+    uri = settings.resolved_uri()
+    store = contract.local_store_path(uri)
+    if store is not None and not store.exists():
+        return f"no MLflow store at {store}: nothing logged"
+    try:
+        client = open_client(uri)
+        found = client.get_experiment_by_name(settings.experiment or experiment)
+        runs = [] if found is None else client.search_runs(
+            [found.experiment_id], filter_string=f"tags.`{contract.TAG_KIND}` = '{kind}' and tags.`{contract.TAG_DIR}` = '{_quoted(directory)}'",
+            max_results=1)
+        if not runs:
+            return f"no {kind} run for {directory} in {uri}: nothing logged (replay it with ltsearch runs --sync {directory})"
+        run_id = runs[0].info.run_id
+        with tempfile.TemporaryDirectory(prefix="ltsearch-attach-") as folder:
+            for name, content in files.items():
+                path = Path(folder) / name
+                path.write_bytes(content)
+                client.log_artifact(run_id, str(path))
+        for name, rows in tables.items():
+            if any(item.path == name for item in client.list_artifacts(run_id)):
+                with tempfile.TemporaryDirectory(prefix="ltsearch-attach-") as folder:  # log_table would append the rows again
+                    path = Path(folder) / name
+                    path.write_text(json.dumps(pandas.DataFrame(rows).to_dict(orient="split") | {"index": None}, default=str))
+                    client.log_artifact(run_id, str(path))
+            else:
+                client.log_table(run_id, data=pandas.DataFrame(rows), artifact_file=name)
+    except Exception as error:  # noqa: BLE001 - sqlite, HTTP and MLflow each raise their own; the files are on disk either way
+        return f"could not log to {uri} ({type(error).__name__}: {' '.join(str(error).split())[:200]}); the files are on disk"
+    return f"logged {', '.join([*files, *tables])} to the {kind} run {run_id} in {uri} (experiment '{found.name}')"
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def yaml_bytes(data: Any) -> bytes:

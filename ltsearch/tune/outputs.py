@@ -20,6 +20,7 @@ from ltsearch.results import location_exists, read_text_from, write_table_to, wr
 from ltsearch.tracking.record import CLASS_COUNTS
 from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, PARETO_COLUMN, TRIALS_FILE, _join
 from ltsearch.tune.epochlog import RAY_KEYS, read_epoch_log
+from ltsearch.tune.importance import SUMMARY_MIN_TRIALS, Importance, compute as compute_importance, write as write_importance
 from ltsearch.tune.objectives import select_epoch
 from ltsearch.tune.pareto import PARETO_DIR, PARETO_FILE, PARETO_PLOT, front, front_table, write_front
 from ltsearch.tune.progress import _fmt
@@ -38,6 +39,7 @@ class SweepOutcome:
     best: dict[str, Any] | None
     finished: bool
     front: list[dict[str, Any]] | None = None
+    importance: Importance | None = None  # when the summary computed it (enough finished trials)
 
 
 def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome:
@@ -74,7 +76,23 @@ def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome
     if sweep.objective.multi:
         outcome.front = write_front(sweep.objective, list(sweep.space.keys), directory, trials, plan, sweep.name)
     _print_summary(sweep, outcome, stream)
+    _importance_section(sweep, outcome, stream)
     return outcome
+
+
+def _importance_section(sweep: Sweep, outcome: SweepOutcome, stream: Any) -> None:
+    """With enough finished trials (and not under PBT), which key mattered: the table, importance.* files, kept on the outcome."""
+    ended = sum(row["status"] in ("completed", "stopped") for row in outcome.trials)
+    if ended < SUMMARY_MIN_TRIALS or sweep.scheduler.name == "pbt":
+        return
+    try:
+        outcome.importance = compute_importance(sweep, outcome.trials)
+        text = write_importance(outcome.importance, outcome.directory, sweep.name)
+    except Exception as error:  # noqa: BLE001 - the sweep's results are written; an analysis on top must not fail the command
+        print(f"parameter importance could not be computed ({type(error).__name__}: {error}); "
+              f"try: ltsearch report {outcome.directory} --importance", file=stream, flush=True)
+        return
+    print("\n" + text, file=stream, flush=True)
 
 
 def _epoch_rows(result: Any) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from ltsearch.tracking.settings import TrackingConfig
 from ltsearch.results import location_exists, read_bytes_from
 from ltsearch.tune._names import BEST_FILE, EPOCHS, SWEEP_FILE, TRIALS_FILE, _join
 from ltsearch.tune.epochlog import RAY_KEYS
+from ltsearch.tune.importance import IMPORTANCE_FILE, IMPORTANCE_PLOT, IMPORTANCE_TABLE, wide_rows
 from ltsearch.tune.objectives import EPOCH_RULE_TEXT
 from ltsearch.tune.outputs import SweepOutcome, error_reason
 from ltsearch.tune.pareto import PARETO_FILE, PARETO_PLOT, front, point_rows
@@ -127,6 +128,8 @@ def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags:
             _record_trial(recorder, plan, keys, trial, rows)
     if outcome.finished and sweep.objective.multi:
         _record_front(recorder, sweep, outcome.trials)
+    if outcome.importance is not None:
+        recorder.tracker.log_table(PARENT, "importance.json", wide_rows(outcome.importance))
     status = "FINISHED" if outcome.finished else "KILLED"
     recorder.summarize_parent(status, outcome.trials, keys, _parent_files(sweep, directory) if outcome.finished else {})
     parent_id = tracker.run_id(PARENT)
@@ -169,9 +172,10 @@ def _by_epoch(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _parent_files(sweep: Sweep, directory: str) -> dict[str, bytes]:
-    """The launching YAML as given and as resolved, the trials table and best.yaml, read back from the sweep directory."""
+    """The launching YAML as given and as resolved, the trials table, best.yaml, and the front and importances when the
+    sweep has them, read back from the sweep directory."""
     files: dict[str, bytes] = {}
-    for name in (SWEEP_FILE, TRIALS_FILE, BEST_FILE, PARETO_FILE, PARETO_PLOT):
+    for name in (SWEEP_FILE, TRIALS_FILE, BEST_FILE, PARETO_FILE, PARETO_PLOT, IMPORTANCE_TABLE, IMPORTANCE_FILE, IMPORTANCE_PLOT):
         location = _join(directory, name)
         if location_exists(location):
             files[name] = read_bytes_from(location)
