@@ -1,5 +1,6 @@
-"""An ablation in MLflow, from the driver: one parent run (kind `ablation`) with one child run (kind `cell`)
-per cell × seed pair, named "row | column | seeds", tagged with its row, column and seeds.
+"""An ablation in MLflow, from the driver: one parent run (kind `ablation`, named after the ablation) with one child
+run (kind `cell`) per cell × seed pair, named "row | column | seeds", tagged with its row, column and seeds, and a
+saved view of the runs table (tracking/views.py) that groups the cells by row and column, as the matrix does.
 
 As for sweeps (tune/tracking.py), a Ray Tune callback streams epochs and closes each run when it ends,
 and `record_ablation` then writes what only the end knows, from the runs' own files: runs finished by an
@@ -19,6 +20,7 @@ from ltsearch.config import to_dict
 from ltsearch.tracking import record
 from ltsearch.tracking import settings as contract
 from ltsearch.tracking.record import PARENT, RunRecorder
+from ltsearch.tracking.views import ablation_view
 from ltsearch.tune.epochlog import RAY_KEYS
 from ltsearch.tune.outputs import error_reason
 
@@ -45,7 +47,7 @@ class AblationTracking(tune.Callback):
         tracker = record.start(self.settings, self.experiment)
         if tracker is not None:
             self.recorder = RunRecorder(tracker, self.directory, *SELECT)
-            self.recorder.open_parent(PARENT_KIND, self.directory.rstrip("/").rsplit("/", 1)[-1], self.parent_params, self.parent_tags)
+            self.recorder.open_parent(PARENT_KIND, parent_name(self.experiment, self.directory), self.parent_params, self.parent_tags)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._open(trial)
@@ -109,7 +111,7 @@ def record_ablation(ablation: Ablation, directory: str, outcome: Any, records: l
     if recorder is None:
         recorder = RunRecorder(record.start(ablation.tracking, ablation.name, stream=stream), directory, *SELECT)
     plan = CellPlan.of(ablation, directory)
-    recorder.open_parent(PARENT_KIND, directory.rstrip("/").rsplit("/", 1)[-1], parent_params(ablation), ablation_tags(ablation))
+    recorder.open_parent(PARENT_KIND, parent_name(ablation.name, directory), parent_params(ablation), ablation_tags(ablation))
     for run in ablation.runs:
         status = next(r["status"] for r in records if r["run_id"] == run.run_id)
         if status == "pending":
@@ -129,6 +131,9 @@ def record_ablation(ablation: Ablation, directory: str, outcome: Any, records: l
     recorder.close_prefix_runs()
     tracker.close_run(PARENT, "FINISHED" if outcome.finished else "KILLED")
     parent_id = tracker.run_id(PARENT)
+    if parent_id is not None:
+        record.save_view(tracker, parent_id, f"{parent_name(ablation.name, directory)}: cells by row and column",
+                         ablation_view(parent_id, ablation.metric, SELECT[0]))
     if record.finish(tracker, stream=stream) or parent_id is None:
         return None
     return f"tracked in MLflow ({tracker.uri}, experiment '{tracker.experiment_name}', parent run {parent_id}); browse with: ltsearch ui"
@@ -145,6 +150,13 @@ def _saved(directory: str) -> bytes | None:
 
     path = Path(directory) / "ablation.yaml"
     return path.read_bytes() if path.is_file() else None
+
+
+def parent_name(name: str, directory: str) -> str:
+    """The ablation's name, as a sweep's parent is named after its sweep: the folder's name when it is already
+    `<name>-<time>`, else the ablation's name with the folder after it (`--out out` gives "safa_table6 (out)")."""
+    folder = directory.rstrip("/").rsplit("/", 1)[-1]
+    return folder if folder.startswith(name) else f"{name} ({folder})"
 
 
 def parent_params(ablation: Ablation) -> dict[str, Any]:

@@ -3,18 +3,25 @@
 Without an argument: the newest sweeps, ablations and train runs, each with its trial counts by status and
 its best trial. With a sweep directory, an experiment name or a run name: that sweep's trials, best first
 by its objective, with the searched params (those that differ between trials) beside the scores.
-Epochs are printed from 1, as everywhere else; the store keeps them 0-indexed.
+Epochs are printed from 1, as everywhere else; the store keeps them 0-indexed. A multi-objective sweep's trials
+show every objective and whether they are on its Pareto front.
+
+The table goes to stdout; the links to open next (the sweep's saved view and MLflow's compare page for its best
+trials or its front, at the store's own server or where `ltsearch ui` listens by default) go to stderr, as hints
+do, so the table stays one row per run for grep and scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ltsearch.cli._common import add_overrides
 from ltsearch.tracking import browse
 from ltsearch.tracking.browse import TopRun
+from ltsearch.tracking.settings import TrackingConfig
 
 DEFAULT_LIMIT = 20
 ERROR_WIDTH = 80
@@ -46,10 +53,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"no sweeps, ablations or train runs in {settings.resolved_uri()}. {browse.CREATE_HINT}")
             return 0
         print(overview(runs))
+        parent = next((top for top in runs if top.kind in CHILD_NOUN), None)
+        if parent is not None:
+            print(links(settings, parent), file=sys.stderr)
         return 0
     top, siblings = browse.find(client, args.target)
     print(detail(top, siblings, args.limit))
+    if top.kind in CHILD_NOUN:
+        print(links(settings, top), file=sys.stderr)
     return 0
+
+
+def links(settings: TrackingConfig, top: TopRun) -> str:
+    """Where to open a sweep or an ablation in the UI: the same links `ltsearch ui` prints, at the store's own server, or
+    where `ltsearch ui` listens by default."""
+    from ltsearch.cli._links import children_links
+    from ltsearch.tracking import server
+
+    base = server.store_ui_base(settings)
+    after = " (after `ltsearch ui`)" if base == server.base_url(server.LOOPBACK, server.DEFAULT_PORT) else ""
+    return "\n".join([f"{top.kind} {top.name} in the MLflow UI{after}:", *children_links(base, top)])
 
 
 def overview(runs: list[TopRun]) -> str:
@@ -78,9 +101,13 @@ def detail(top: TopRun, siblings: int, limit: int) -> str:
     lines.append(f"{count} {noun}{'s' if count != 1 else ''} ({_counts(top)}), sorted by best/{top.metric}, "
                  f"{'lowest' if top.mode == 'min' else 'highest'} first" + (f"; the first {limit} shown (--limit)" if len(shown) < count else ""))
     params = browse.varying_params(top.children)
-    headers = ["#", "NAME", "STATUS", f"best/{top.metric}", "best/test/top1", "EPOCHS", "SELECTED", "STOPPED", *params, "ERROR"]
-    rows = [[str(rank), child.name, child.status, _number(child.objective), _number(child.test_top1), _number(child.epochs),
-             _number(None if child.selected_epoch is None else child.selected_epoch + 1), "early" if child.stopped_early else "",
+    others = [metric for metric, _ in top.objectives[1:]]  # a multi-objective sweep: its other objectives, and its front
+    front = ["FRONT"] if others else []
+    headers = ["#", "NAME", "STATUS", f"best/{top.metric}", *[f"best/{m}" for m in others], "best/test/top1", "EPOCHS", "SELECTED",
+               "STOPPED", *front, *params, "ERROR"]
+    rows = [[str(rank), child.name, child.status, _number(child.objective), *[_number(child.scores.get(m)) for m in others],
+             _number(child.test_top1), _number(child.epochs), _number(None if child.selected_epoch is None else child.selected_epoch + 1),
+             "early" if child.stopped_early else "", *(["yes" if child.pareto else ""] if others else []),
              *[child.params.get(key, "-") for key in params], _clip(child.error or "")]
             for rank, child in enumerate(shown, start=1)]
     lines.append(table(headers, rows))

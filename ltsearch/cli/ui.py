@@ -2,7 +2,9 @@
 
 Starts `mlflow server` on the store the sweeps logged to (default sqlite:///mlruns.db, artifacts in the
 `mlartifacts/` beside it), waits until it answers, and prints where the latest sweep (or ablation) is:
-its experiment's runs table, its trials best first, and its own run page. Listens on 127.0.0.1 unless
+its experiment's runs table, its trials best first (a saved view with its metrics and searched keys as columns;
+an ablation's cells grouped as its matrix), its best trials or Pareto front in MLflow's compare page, and its
+own run page. Listens on 127.0.0.1 unless
 --host says otherwise. Ctrl-C or SIGTERM stops the server and every process it started; both exit 0,
 as stopping the UI is its normal end. The server logic is in ltsearch/tracking/server.py.
 """
@@ -13,6 +15,7 @@ import argparse
 import sys
 
 from ltsearch.cli._common import add_overrides
+from ltsearch.cli._links import children_links
 from ltsearch.tracking import browse, server
 from ltsearch.tracking.settings import PARENT_KINDS
 
@@ -57,13 +60,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def pages(base: str, top: browse.TopRun) -> str:
-    """Where to look: the experiment's runs table, a parent's trials best first, the run's own page."""
+    """Where to look: the experiment's runs table, a parent's children (its saved view when the store holds one), a
+    sweep's best trials (or its Pareto front) in MLflow's compare page, the run's own page."""
     lines = [f"latest {top.kind}: {top.name} (experiment {top.experiment}"
              + (f", {len(top.children)} child runs)" if top.kind in PARENT_KINDS else ")"),
-             f"  runs:   {server.runs_url(base, top.experiment_id)}"]
-    if top.kind in PARENT_KINDS:
-        lines.append(f"  trials: {server.trials_url(base, top.experiment_id, top.run_id, top.metric, top.mode)}")
-    lines.append(f"  run:    {server.run_url(base, top.experiment_id, top.run_id)}")
+             f"  runs:    {server.runs_url(base, top.experiment_id)}"]
+    lines += children_links(base, top)
+    lines.append(f"  run:     {server.run_url(base, top.experiment_id, top.run_id)}")
     return "\n".join(lines)
 
 

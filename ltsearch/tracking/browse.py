@@ -8,7 +8,8 @@ of trials is listed with a handful of requests, never one request per run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 from ltsearch.errors import ConfigError
 from ltsearch.tracking.names import mlflow_key
 from ltsearch.tracking.settings import (KINDS, PARENT_KINDS, SECTION, TAG_DIR, TAG_EPOCHS, TAG_ERROR, TAG_KIND, TAG_METRIC,
-                                        TAG_MODE, TAG_SELECTED_EPOCH, TAG_STOPPED_EARLY, TrackingConfig, local_store_path, split_tracking)
+                                        TAG_MODE, TAG_OBJECTIVES, TAG_PARETO, TAG_SELECTED_EPOCH, TAG_STOPPED_EARLY, TrackingConfig,
+                                        local_store_path, split_tracking)
+from ltsearch.tracking.views import VIEW_TAG_PREFIX, view_id, view_tag
 
 PARENT_TAG = "mlflow.parentRunId"
 DEFAULT_METRIC = "val/top1"
@@ -24,6 +27,9 @@ TEST_METRIC = "test/top1"
 #: kinds `ltsearch runs` lists at the top level: everything that is not a child
 TOP_KINDS = (*PARENT_KINDS, "train")
 PAGE_SIZE = 1000
+#: how many trials the compare link shows (MLflow's compare page draws one line or point per run)
+COMPARE_TOP = 10
+_OBJECTIVE = re.compile(r"(\S+) \((max|min)\)")
 CREATE_HINT = "Create runs with `ltsearch tune search_spaces/quickstart.yaml`."
 
 
@@ -42,6 +48,8 @@ class Child:
     stopped_early: bool
     error: str | None
     params: dict[str, str]
+    scores: dict[str, float | None] = field(default_factory=dict)  # best/<objective> of every objective of its parent
+    pareto: bool | None = None  # a multi-objective sweep's front point (tag ltsearch.pareto); None when not tagged
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class TopRun:
     objective: float | None  # a train run's own best/<metric>; a parent's is its best child's
     test_top1: float | None
     children: tuple[Child, ...]
+    objectives: tuple[tuple[str, str], ...] = ()  # (metric, mode) of a sweep's objectives, the first = `metric`
+    view: str | None = None  # the id of its saved runs-table view (views.py), when the store holds one
 
     @property
     def best(self) -> Child | None:
@@ -69,6 +79,12 @@ class TopRun:
     @property
     def started(self) -> datetime:
         return datetime.fromtimestamp(self.start_time / 1000)
+
+    def compared(self, limit: int = COMPARE_TOP) -> list[Child]:
+        """The children worth comparing side by side, at most `limit`: a multi-objective sweep's front first, then the
+        best others by the (first) objective, so the front is seen against what it beats."""
+        scored = [child for child in self.children if child.objective is not None]
+        return sorted(scored, key=lambda child: not child.pareto)[:limit]  # stable: best first within each part
 
     def status_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -205,14 +221,21 @@ def _with_children(client: Any, runs: list[Any], names: dict[str, str]) -> list[
         parent = child.data.tags.get(PARENT_TAG)
         if parent in grouped:
             grouped[parent].append(child)
-    return [_top_run(run, names, grouped.get(run.info.run_id, [])) for run in runs]
+    views = _saved_views(client, sorted({run.info.experiment_id for run in runs if run.info.run_id in parents}))
+    return [_top_run(run, names, grouped.get(run.info.run_id, []), views) for run in runs]
 
 
-def _top_run(run: Any, names: dict[str, str], children: list[Any]) -> TopRun:
+def _saved_views(client: Any, experiment_ids: list[str]) -> set[str]:
+    """The saved-view tags of these experiments (one request each; a `ui` or `runs` call involves one or a few)."""
+    return {key for eid in experiment_ids for key in client.get_experiment(eid).tags if key.startswith(VIEW_TAG_PREFIX)}
+
+
+def _top_run(run: Any, names: dict[str, str], children: list[Any], views: set[str]) -> TopRun:
     tags, metrics = run.data.tags, run.data.metrics
     metric = tags.get(TAG_METRIC, DEFAULT_METRIC)
     mode = tags.get(TAG_MODE, "max")
-    ranked = tuple(_ranked([_child(child, metric) for child in children], mode))
+    objectives = tuple(_OBJECTIVE.findall(tags.get(TAG_OBJECTIVES, ""))) or ((metric, mode),)
+    ranked = tuple(_ranked([_child(child, metric, [m for m, _ in objectives]) for child in children], mode))
     if tags.get(TAG_KIND) in PARENT_KINDS:
         best = ranked[0] if ranked and ranked[0].objective is not None else None
         objective, test_top1 = (best.objective, best.test_top1) if best else (None, None)
@@ -221,15 +244,19 @@ def _top_run(run: Any, names: dict[str, str], children: list[Any]) -> TopRun:
     return TopRun(run_id=run.info.run_id, experiment_id=run.info.experiment_id, experiment=names.get(run.info.experiment_id, "?"),
                   name=run.info.run_name or run.info.run_id, kind=tags.get(TAG_KIND, "?"), status=run.info.status,
                   start_time=run.info.start_time or 0, dir=tags.get(TAG_DIR), metric=metric, mode=mode,
-                  objective=objective, test_top1=test_top1, children=ranked)
+                  objective=objective, test_top1=test_top1, children=ranked, objectives=objectives,
+                  view=view_id(run.info.run_id) if view_tag(run.info.run_id) in views else None)
 
 
-def _child(run: Any, metric: str) -> Child:
+def _child(run: Any, metric: str, objectives: list[str]) -> Child:
     tags, metrics = run.data.tags, run.data.metrics
+    pareto = tags.get(TAG_PARETO)
     return Child(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, status=run.info.status,
                  start_time=run.info.start_time or 0, objective=metrics.get(mlflow_key(f"best/{metric}")), test_top1=metrics.get(f"best/{TEST_METRIC}"),
                  epochs=_int(tags.get(TAG_EPOCHS)), selected_epoch=_int(tags.get(TAG_SELECTED_EPOCH)),
-                 stopped_early=tags.get(TAG_STOPPED_EARLY) == "true", error=tags.get(TAG_ERROR), params=dict(run.data.params))
+                 stopped_early=tags.get(TAG_STOPPED_EARLY) == "true", error=tags.get(TAG_ERROR), params=dict(run.data.params),
+                 scores={name: metrics.get(mlflow_key(f"best/{name}")) for name in objectives},
+                 pareto=None if pareto is None else pareto == "true")
 
 
 def _ranked(children: list[Child], mode: str) -> list[Child]:

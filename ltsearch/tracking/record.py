@@ -219,6 +219,15 @@ def _class_plot(row: dict[str, Any], title: str) -> bytes | None:
                           [int(c) for c in counts], title)
 
 
+def save_view(tracker: Tracker, parent_id: str, name: str, state: dict[str, Any]) -> None:
+    """The parent's saved view of the runs table (views.py), named `name`, rewritten each time the run is recorded."""
+    import time
+
+    from ltsearch.tracking.views import envelope, view_tag
+
+    tracker.set_experiment_tag(view_tag(parent_id), envelope(name, state, int(time.time() * 1000)))
+
+
 def attach_to_parent(settings: contract.TrackingConfig, experiment: str, kind: str, directory: str, files: dict[str, bytes],
                      tables: dict[str, list[dict[str, Any]]]) -> str:
     """Add files and MLflow tables to the parent run recorded for `directory` (what `ltsearch report` computes after

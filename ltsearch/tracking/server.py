@@ -16,6 +16,7 @@ which lists its child runs.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from urllib.parse import quote, urlencode
 from ltsearch.errors import ConfigError, LtsearchError
 from ltsearch.tracking.names import mlflow_key
 from ltsearch.tracking.settings import TrackingConfig
+from ltsearch.tracking.views import VIEW_PARAM
 
 DEFAULT_PORT = 5000
 LOOPBACK = "127.0.0.1"
@@ -129,6 +131,13 @@ def base_url(host: str, port: int) -> str:
     return f"http://{_url_host(host)}:{port}"
 
 
+def store_ui_base(settings: TrackingConfig) -> str:
+    """Where a user opens the UI of this store without `ltsearch ui`'s own arguments: the tracking server itself when the
+    store is one (http://host:5000), else where `ltsearch ui` listens by default."""
+    uri = settings.resolved_uri()
+    return uri.rstrip("/") if uri.split("://", 1)[0] in ("http", "https") else base_url(LOOPBACK, DEFAULT_PORT)
+
+
 def ui_url(base: str, route: str, **query: str) -> str:
     """A page of the MLflow UI (hash routes) in the training-runs workflow."""
     return f"{base}/#{route}?{urlencode({**query, **WORKFLOW}, quote_via=quote)}"
@@ -143,6 +152,17 @@ def trials_url(base: str, experiment_id: str, parent_id: str, metric: str, mode:
     """The same table, only this parent's children, best first by its objective (sortable, with metric columns)."""
     return ui_url(base, f"/experiments/{experiment_id}/runs", searchFilter=f"tags.`mlflow.parentRunId` = '{parent_id}'",
                   orderByKey=f"metrics.`{mlflow_key('best/' + metric)}`", orderByAsc="true" if mode == "min" else "false")
+
+
+def view_url(base: str, experiment_id: str, view: str) -> str:
+    """The runs table opened on a saved view (views.py): its filter, sort, columns and group-by, kept on the server."""
+    return ui_url(base, f"/experiments/{experiment_id}/runs", **{VIEW_PARAM: view})
+
+
+def compare_url(base: str, experiment_ids: list[str], run_ids: list[str]) -> str:
+    """MLflow's compare-runs page for these runs: parallel coordinates of params against metrics, scatter and contour
+    plots, and their params and metrics side by side. The lists are JSON, as the UI's own links write them."""
+    return ui_url(base, "/compare-runs", runs=json.dumps(run_ids), experiments=json.dumps(sorted(set(experiment_ids))))
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:

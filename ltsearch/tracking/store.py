@@ -128,6 +128,10 @@ class Tracker:
         if rows:
             self._put(f"table {name} of {key}", lambda: self._table(key, name, rows))
 
+    def set_experiment_tag(self, name: str, value: str) -> None:
+        """A tag of the experiment itself (a saved view of its runs table: views.py)."""
+        self._put(f"experiment tag {name}", lambda: self._client_call().set_experiment_tag(self.experiment_id(), name, value))
+
     def close_run(self, key: str, status: str) -> None:
         self._put(f"status {status} of {key}", lambda: self._client_call().set_terminated(self._run(key), status=status))
 

@@ -10,6 +10,9 @@ Two writers, one vocabulary (tracking/record.py):
   Runs are found by their tags and steps are never written twice, so this is safe to repeat, and a
   resumed sweep continues its parent and child runs instead of duplicating them.
 
+`record_sweep` also saves the runs-table view the UI opens on (tracking/views.py: the trials best first, with
+the objectives and searched keys as columns), and with several objectives tags the front's trials.
+
 PBT changes a trial's hyperparameters mid-run; MLflow params cannot change, so the values a trial
 runs with are also logged per epoch as `hp/<key>` metrics under population-based schedulers.
 """
@@ -25,6 +28,7 @@ from ltsearch.tracking import record
 from ltsearch.tracking import settings as contract
 from ltsearch.tracking.record import PARENT, RunRecorder
 from ltsearch.tracking.settings import TrackingConfig
+from ltsearch.tracking.views import sweep_view
 from ltsearch.results import location_exists, read_bytes_from
 from ltsearch.tune._names import BEST_FILE, EPOCHS, SWEEP_FILE, TRIALS_FILE, _join
 from ltsearch.tune.epochlog import RAY_KEYS
@@ -133,6 +137,10 @@ def record_sweep(sweep: Sweep, directory: str, outcome: SweepOutcome, data_tags:
     status = "FINISHED" if outcome.finished else "KILLED"
     recorder.summarize_parent(status, outcome.trials, keys, _parent_files(sweep, directory) if outcome.finished else {})
     parent_id = tracker.run_id(PARENT)
+    if parent_id is not None:
+        objectives = list(zip(sweep.objective.metrics, sweep.objective.modes))
+        record.save_view(tracker, parent_id, f"{directory.rstrip('/').rsplit('/', 1)[-1]}: trials",
+                         sweep_view(parent_id, objectives, list(sweep.space.keys)))
     unwritten = record.finish(tracker, stream=stream)
     if unwritten or parent_id is None:
         return None
