@@ -148,8 +148,8 @@ def _pareto_scatter(points: Sequence[dict[str, Any]], metrics: Sequence[str], mo
         # the boundary of what the front dominates: between two points it holds the value of the one better on x
         ax.step(xs, ys, where="pre" if modes[0] == "max" else "post", color=FRONT_COLOUR, alpha=0.5, lw=1, zorder=1)
         ax.scatter(xs, ys, s=40, color=FRONT_COLOUR, zorder=3)
-        for p in front:
-            ax.annotate(p["label"], p["values"], textcoords="offset points", xytext=(4, 4), fontsize=8, color=FRONT_COLOUR)
+        for values, label in _merged_labels(front, lambda p: tuple(p["values"])).items():
+            ax.annotate(label, values, textcoords="offset points", xytext=(4, 4), fontsize=8, color=FRONT_COLOUR)
     ax.set_xlabel(f"{metrics[0]} ({'higher' if modes[0] == 'max' else 'lower'} is better)")
     ax.set_ylabel(f"{metrics[1]} ({'higher' if modes[1] == 'max' else 'lower'} is better)")
     ax.set_title(f"{title}\nfront: {len(front)} of {len(points)} trials (red; grey: dominated; hollow: stopped early)", fontsize=9)
@@ -175,21 +175,31 @@ def _pareto_parallel(points: Sequence[dict[str, Any]], metrics: Sequence[str], m
         on_front = point["label"] is not None
         ax.plot(positions, scaled(point["values"]), color=FRONT_COLOUR if on_front else OTHER_COLOUR, lw=1.6 if on_front else 0.8,
                 alpha=0.9 if on_front else 0.5, ls="-" if point["eligible"] or on_front else ":")
-        if on_front:
-            ax.annotate(point["label"], (positions[-1], scaled(point["values"])[-1]), textcoords="offset points", xytext=(5, 0),
-                        fontsize=8, color=FRONT_COLOUR, va="center")
+    labels = _merged_labels([p for p in points if p["label"] is not None], lambda p: scaled(p["values"])[-1])
+    floor = -math.inf
+    for end, label in sorted(labels.items()):  # at the last axis, bottom to top, never on top of each other
+        floor = max(end, floor + 0.05)
+        ax.text(positions[-1] + 0.04, floor, label, fontsize=8, color=FRONT_COLOUR, va="center")
     for position, (low, high), mode in zip(positions, bounds, modes):
         ax.axvline(position, color="#444", lw=0.8)
         best, worst = (high, low) if mode == "max" else (low, high)
-        ax.text(position, 1.03, f"{best:.4g}", ha="center", fontsize=8)
+        ax.text(position, 1.07, f"{best:.4g}", ha="center", fontsize=8)
         ax.text(position, -0.07, f"{worst:.4g}", ha="center", va="top", fontsize=8)
     ax.set_xticks(positions, [f"{m} ({d})" for m, d in zip(metrics, modes)], fontsize=8)
     ax.set_yticks([])
-    ax.set_ylim(-0.15, 1.12)
+    ax.set_ylim(-0.15, 1.15)
     ax.set_xlim(-0.3, len(metrics) - 0.5)
     front = sum(p["label"] is not None for p in points)
     ax.set_title(f"{title}\nfront: {front} of {len(points)} trials (red); each axis spans the trials' values, better up", fontsize=9)
     return _png(figure)
+
+
+def _merged_labels(points: Sequence[dict[str, Any]], where: Any) -> dict[Any, str]:
+    """Front points drawn at one place share one label ("01, 02"): a configuration proposed twice trains to equal values."""
+    merged: dict[Any, list[str]] = {}
+    for point in points:
+        merged.setdefault(where(point), []).append(point["label"])
+    return {place: ", ".join(sorted(labels)) for place, labels in merged.items()}
 
 
 def importance_plot(rows: Sequence[dict[str, Any]], metrics: Sequence[str], evaluators: Sequence[str], title: str) -> bytes:

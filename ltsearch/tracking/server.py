@@ -162,7 +162,8 @@ def view_url(base: str, experiment_id: str, view: str) -> str:
 def compare_url(base: str, experiment_ids: list[str], run_ids: list[str]) -> str:
     """MLflow's compare-runs page for these runs: parallel coordinates of params against metrics, scatter and contour
     plots, and their params and metrics side by side. The lists are JSON, as the UI's own links write them."""
-    return ui_url(base, "/compare-runs", runs=json.dumps(run_ids), experiments=json.dumps(sorted(set(experiment_ids))))
+    return ui_url(base, "/compare-runs", runs=json.dumps(run_ids, separators=(",", ":")),
+                  experiments=json.dumps(sorted(set(experiment_ids)), separators=(",", ":")))
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:

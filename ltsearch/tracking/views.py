@@ -14,7 +14,8 @@ ablation, so the link `ltsearch ui` and `ltsearch runs` print opens on:
 
 The tag's value is the envelope MLflow's UI writes (`savedViewEnvelope.ts`: name, createdAt, updatedAt, and the
 state as JSON text); the state holds the table's search facets (filter, sort) and UI state (columns, group-by),
-which the UI merges over its defaults. Column keys are MLflow's canonical sort keys, `metrics.`best/val/top1``.
+which the UI merges over its defaults. Column keys are MLflow's canonical sort keys, `metrics.`best/val/top1``;
+`columnOrder` puts the objectives first (the table otherwise sorts metric columns by name).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def sweep_view(parent_run_id: str, objectives: Sequence[tuple[str, str]], keys: 
     if len(objectives) > 1:
         columns.append(column("tags", TAG_PARETO))
     return {"searchFilter": children_filter(parent_run_id, "trial"), "orderByKey": column("metrics", f"best/{metrics[0]}"),
-            "orderByAsc": objectives[0][1] == "min", "selectedColumns": columns}
+            "orderByAsc": objectives[0][1] == "min", "selectedColumns": columns, "columnOrder": columns}
 
 
 def ablation_view(parent_run_id: str, metric: str, select_metric: str) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def ablation_view(parent_run_id: str, metric: str, select_metric: str) -> dict[s
     group_by = {"aggregateFunction": "average",
                 "groupByKeys": [{"mode": "tag", "groupByData": "ltsearch.row"}, {"mode": "tag", "groupByData": "ltsearch.column"}]}
     return {"searchFilter": children_filter(parent_run_id, "cell"), "orderByKey": column("metrics", f"best/{metric}"), "orderByAsc": False,
-            "selectedColumns": columns, "groupBy": group_by}
+            "selectedColumns": columns, "columnOrder": columns, "groupBy": group_by}
 
 
 def envelope(name: str, state: dict[str, Any], now_ms: int) -> str:

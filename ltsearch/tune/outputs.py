@@ -21,7 +21,7 @@ from ltsearch.tracking.record import CLASS_COUNTS
 from ltsearch.tune._names import BEST_FILE, EPOCHS, HISTORY_FILE, PARETO_COLUMN, TRIALS_FILE, _join
 from ltsearch.tune.epochlog import RAY_KEYS, read_epoch_log
 from ltsearch.tune.importance import SUMMARY_MIN_TRIALS, Importance, compute as compute_importance, write as write_importance
-from ltsearch.tune.objectives import select_epoch
+from ltsearch.tune.objectives import Objective, select_epoch
 from ltsearch.tune.pareto import PARETO_DIR, PARETO_FILE, PARETO_PLOT, front, front_table, write_front
 from ltsearch.tune.progress import _fmt
 from ltsearch.tune.settings import Sweep
@@ -53,11 +53,7 @@ def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome
         history.extend({"trial_id": trial_id, **row} for row in trial_rows)
         trials.append(_trial_row(trial_id, result, trial_rows, plan, sweep))
     finished = len(trials) == sweep.num_trials and all(t["status"] != "unfinished" for t in trials)
-    best = None
-    for row in trials:
-        if sweep.objective.better(row.get(f"best/{sweep.objective.metric}"), (best or {}).get(f"best/{sweep.objective.metric}")):
-            best = row
-    outcome = SweepOutcome(directory, trials, history, best, finished)
+    outcome = SweepOutcome(directory, trials, history, _best_trial(trials, sweep.objective), finished)
     if not finished:
         print(f"the sweep stopped before every trial finished; continue it with: ltsearch tune --resume {directory}", file=stream)
         return outcome
@@ -67,6 +63,7 @@ def finish(sweep: Sweep, directory: str, grid: Any, stream: Any) -> SweepOutcome
             row[PARETO_COLUMN] = row["trial_id"] in on_front
     write_table_to(trials, _join(directory, TRIALS_FILE))
     write_table_to(history, _join(directory, HISTORY_FILE))
+    best = outcome.best
     if best is not None:
         config = trial_run_config(plan, best["config"])
         values = ", ".join(f"{m} = {best[f'best/{m}']}" for m in sweep.objective.metrics)
@@ -93,6 +90,17 @@ def _importance_section(sweep: Sweep, outcome: SweepOutcome, stream: Any) -> Non
               f"try: ltsearch report {outcome.directory} --importance", file=stream, flush=True)
         return
     print("\n" + text, file=stream, flush=True)
+
+
+def _best_trial(trials: list[dict[str, Any]], objective: Objective) -> dict[str, Any] | None:
+    """The trial best on the first objective (the first such trial); on a tie, the one better on the next objectives,
+    so that with several objectives best.yaml is a point of the front whenever a completed trial leads."""
+    def rank(row: dict[str, Any]) -> tuple[float, ...]:
+        values = [row.get(f"best/{m}") for m in objective.metrics]
+        return tuple(s * v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf for s, v in zip(objective.signs(), values))
+
+    scored = [row for row in trials if rank(row)[0] > -math.inf]
+    return max(scored, key=rank) if scored else None
 
 
 def _epoch_rows(result: Any) -> list[dict[str, Any]]:
