@@ -64,6 +64,24 @@ def test_bad_objectives_are_exit_2_with_one_line_and_nothing_started(tmp_path, c
     assert not ray.is_initialized()
 
 
+@pytest.mark.cifar
+def test_few_shot_on_cifar10_lt_is_refused_naming_the_groups_it_has(cifar_root, tmp_path, capsys, mlflow_store):
+    """CIFAR-10-LT at rho = 100 keeps >= 50 images per class: no few-shot class, so the shipped file searches val/medium."""
+    out = tmp_path / "sweep"
+    assert main(["tune", str(REPO / "search_spaces" / "smart_pareto.yaml"), "--out", str(out), "--set", f"data.root={cifar_root}",
+                 "metric=[val/top1, val/few]", "resources={cpu: 1, gpu: 0}"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'metric': got 'val/few'" in err and "many 8, medium 2, few 0" in err and err.count("\n") == 1
+    assert not out.exists() and not ray.is_initialized()
+
+
+def test_the_shipped_pareto_files_are_valid(capsys):
+    for path in (REPO / "search_spaces" / "smart_pareto.yaml", REPO / "search_spaces" / "examples" / "digits_pareto.yaml"):
+        assert path.read_text().startswith(f"# ltsearch tune search_spaces/{path.relative_to(REPO / 'search_spaces')}")
+        assert main(["check", str(path)]) == 0
+        assert "objectives: val/top1 (max), val/" in capsys.readouterr().out
+
+
 def test_the_first_objective_is_judged_unless_scheduler_metric_names_another(capsys):
     assert main(["check", str(QUICKSTART), "--set", *TWO]) == 0
     assert "scheduler asha judges: val/top1 (max), the first objective (scheduler.metric chooses another)" in capsys.readouterr().out

@@ -249,6 +249,7 @@ DIGITS = ["data.name=digits", "data.imbalance=10", "data.val_fraction=0.2", "dat
 PER_FILE = {
     "quickstart": ["space.model.width={choice: [16]}"],
     "smart_tau": ["space.augmenter.insert_at={choice: [1, 3]}"],
+    "smart_pareto": ["space.augmenter.insert_at={choice: [1, 3]}"],
     "safa_lambdas": ["space.augmenter.start_epoch={int: [0, 1]}"],
     "rsg": [],
     "lcreg_latents": ["augmenter.lcreg.second_stage_epochs=1"],
