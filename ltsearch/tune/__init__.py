@@ -3,8 +3,8 @@
 A search file is a run config (or `base: config.yaml`) plus the keys below, split by concern the way
 Ray splits TuneConfig from RunConfig:
 
-    what to search   space:, search: {sampler, num_samples, seed, max_concurrent}, metric:, mode:,
-                     scheduler: {name, ...its parameters}
+    what to search   space:, search: {sampler, num_samples, seed, max_concurrent, population_size}, metric:, mode:
+                     (one objective or several), scheduler: {name, metric, ...its parameters}
     how to run it    name:, storage:, resources: {cpu, gpu}, checkpoint: {every, keep}, max_failures:
 
 The trainable (`train_trial`) is a thin wrapper over the engine: it builds the trial's run config
@@ -20,11 +20,14 @@ short names. What remains is measured by benchmarks/platform.py.
 The package, by concern (this module re-exports the public names):
 
     settings.py     the search file's sections, `Sweep`, `load_sweep` / `parse_sweep`
+    objectives.py   `Objective` (metric:/mode:, one or several), the epoch rule, Pareto dominance
     algorithms.py   the sampler and scheduler registries (SAMPLERS, SCHEDULERS), PBT's domains and clipping
     trainable.py    `TrialPlan`, `trial_run_config`, `train_trial` (the Ray trainable), `trial_dirname`
     progress.py     the live progress table (`ProgressTable`, a Tune callback)
     session.py      the Ray runtime (`ray_session`) and the shared-storage warning
     outputs.py      `finish`: trials.parquet, history.parquet, best.yaml, the summary; `SweepOutcome`
+    pareto.py       a multi-objective sweep's front: pareto.parquet, pareto/NN.yaml, pareto.png, its table
+    importance.py   each searched key's importance per objective (fANOVA, PED-ANOVA) from trials.parquet
     runner.py       `run_sweep` and `resume_sweep`
     _names.py       the epoch key, the sweep directory's file names, location helpers
 """
