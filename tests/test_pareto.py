@@ -21,7 +21,7 @@ from ray import tune
 from ltsearch.cli import main
 from ltsearch.results import read_table
 from ltsearch.tune import load_sweep, resume_sweep, run_sweep
-from ltsearch.tune.algorithms import SCHEDULERS, SchedulerContext
+from ltsearch.tune.algorithms import SCHEDULERS, SchedulerContext, make_sampler
 from ltsearch.tune.objectives import Objective, non_dominated, parse_objective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +97,18 @@ def test_objectives_parse_single_and_several_and_dominance_keeps_ties():
     assert several.metrics == ("val/top1", "val/few") and several.signs() == (1.0, -1.0) and several.metric == "val/top1"
     points = [(90.0, 10.0), (80.0, 5.0), (90.0, 10.0), (85.0, 20.0), (95.0, 30.0)]
     assert non_dominated(points, several.signs()) == [0, 1, 2, 4]  # (85, 20) is beaten by (90, 10); equal points keep each other
+
+
+def test_nsgaii_survives_the_pickling_ray_tune_does_for_resume():
+    """Tune pickles the searcher into every experiment checkpoint; Optuna's NSGA-II holds a lock that cannot be pickled."""
+    import pickle
+
+    import optuna
+
+    sampler = pickle.loads(pickle.dumps(make_sampler("nsgaii", 0, 4)))
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1 - t.suggest_float("y", 0, 1)), n_trials=10)
+    assert sampler.population_size == 4 and len(study.best_trials) >= 1
 
 
 # ========================================================================================= real Ray
