@@ -394,7 +394,8 @@ def test_ablation_rows_share_a_prefix_and_a_diverging_prefix_fails_every_row_wit
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "nan" / "runs").glob("*/result.json"))]
     assert len(results) == 2 and all(r["status"] == "error" for r in results)
     assert all(r["error"].startswith("training diverged in epoch 1/3") for r in results)
-    assert sum("in the shared prefix safa@2" in r["error"] for r in results) == 1  # the dependent got the trunk's error, not its own
+    # the dependent got the trunk's error, not its own; SAFA is idle before T, so its trunk is the baseline's
+    assert sum("in the shared prefix baseline@2:" in r["error"] for r in results) == 1
 
 
 # ============================================================== the method-off run on the shared trunk
