@@ -142,13 +142,21 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------ draining
     def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued write is done; False when the timeout came first."""
-        deadline = time.monotonic() + timeout_s
+        """Wait until every queued write is done; False when the timeout came first.
+
+        A store that is away gets one more retry, not the whole timeout: the user was told, what is kept is
+        retried by `close()` and replayed by `ltsearch runs --sync`, and a command ending must not sit out 30 s
+        per wait on a server that is down.
+        """
+        started = time.monotonic()
+        deadline = started + timeout_s
         with self._lock:
             self._flushing += 1
             self._lock.notify_all()
             try:
                 while self._queue and time.monotonic() < deadline:
+                    if self._away_since is not None and time.monotonic() - started > self.retry_s + 1.0:
+                        break
                     self._lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
                 return not self._queue
             finally:
@@ -157,10 +165,10 @@ class Tracker:
     def close(self, timeout_s: float = 30.0) -> list[str]:
         """Write what is queued; return what was not written.
 
-        A reachable store gets up to `timeout_s` to take the queue; one that is away right now gets one
-        more retry, not the whole timeout (the user was told, and is told again what is missing).
+        A reachable store gets up to `timeout_s` to take the queue; one that is away gets one more retry
+        (`flush`), and the user is told again what is missing.
         """
-        self.flush(timeout_s if self._away_since is None else min(timeout_s, self.retry_s + 1.0))
+        self.flush(timeout_s)
         with self._lock:
             self._closing = True
             self._lock.notify_all()
