@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -295,6 +296,24 @@ def test_sweep_trains_the_prefix_once_and_matches_the_unshared_sweep_bit_for_bit
     assert shared.best["config"] == alone.best["config"] and shared.best["best/val/top1"] == alone.best["best/val/top1"]
 
 
+def own_trainables() -> list[int]:
+    """The pids of this test's Ray trainables: workers of its own raylet only (a `pkill -f ray::ImplicitFunc` would
+    also kill the trainings of anyone else on the machine: another test run, a user's ablation)."""
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        if title.startswith(b"ray::ImplicitFunc") and parent == raylet:
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.mark.slow
 def test_a_trunk_killed_mid_way_is_taken_back_by_its_retried_trial_and_changes_no_number(ray_runtime, tmp_path):
     """SIGKILL the process training the trunk after its snapshot at epoch 2 of 8: Tune retries that trial
@@ -314,7 +333,10 @@ def test_a_trunk_killed_mid_way_is_taken_back_by_its_retried_trial_and_changes_n
         while time.monotonic() < deadline and not list(prefixes.glob("*/epoch-2.pt")):
             time.sleep(0.01)
         seen["before_kill"] = sorted(p.name for p in prefixes.glob("*/epoch-*.pt"))
-        seen["killed"] = subprocess.run(["pkill", "-9", "-f", "ray::ImplicitFunc"], check=False).returncode == 0
+        trainers = own_trainables()
+        for pid in trainers:
+            os.kill(pid, signal.SIGKILL)
+        seen["killed"] = bool(trainers)
 
     killer = threading.Thread(target=kill_the_trunk, daemon=True)
     killer.start()
