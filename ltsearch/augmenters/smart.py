@@ -61,6 +61,15 @@ the spread. Regime (b), CE network activated at lr 0.001: ω mean 1.09 (range 1.
 of transferred tail features (RMS distance from μ_t) 0.70 → 0.75, ratio mean 1.08 (0.32–5.3),
 loss 1.88 → 1.64 over 3 epochs. Regime (a), from a random init with CE: ω mean 1.13 → 1.23
 (1.01–1.39), spread 1.63 → 1.87, ratio 1.20–1.38 (0.40–3.5); loss 3.01 → 1.27 in 3 epochs.
+
+Known defect, measured (the 30-epoch reproduction on the full CIFAR-10-LT, benchmarks/RESULTS.md): with
+LDAM-DRW, SMART from epoch 0 ends at 32.1 % test top-1 against the baseline's 60.9, with recall 0 on four of
+its five tail classes. Every tail sample is *replaced* by its transfer (Eq. 6 as the paper writes it for
+{F_t} → {F̃_t}), and Σ_th mixes the channels, so the classifier never sees a real tail feature: on the final
+network the same training images are recalled 79–100 % through F̃ and 0–4 % (class 7: 64) through their
+real features. The normalised ω (1.2–2.5 during the run) does weigh tail samples above 1 as Sec. 3.5 asks;
+the emphasis lands on features the test never produces. The fix to try next keeps the real tail features
+in the batch (F̃ appended, or applied with a probability) and must be measured on the same recipe.
 """
 
 from __future__ import annotations
