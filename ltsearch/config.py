@@ -529,6 +529,16 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
 RUN_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
+def with_threads(raw: dict, cpus: float) -> dict:
+    """`raw` with torch threads = the run's CPUs unless set: what a trial or an ablation cell runs with, so
+    concurrent runs do not oversubscribe the cores and a run's arithmetic (its prefix key included) is the same
+    whether it is planned (`--dry-run`), trained under Ray, or rerun from its config."""
+    raw.setdefault("train", {})
+    if raw["train"].get("threads") is None:
+        raw["train"]["threads"] = max(1, int(cpus))
+    return raw
+
+
 def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
     """Validate a raw mapping into a RunConfig; errors name `source` (the file, or '--set')."""
     try:

@@ -23,7 +23,7 @@ from typing import Any
 from ray import tune
 
 from ltsearch.ablate.settings import Ablation, Run
-from ltsearch.config import build_run_config, dump_yaml
+from ltsearch.config import build_run_config, dump_yaml, with_threads
 from ltsearch.data.fingerprints import pin_run_data
 from ltsearch.epochs import scalars
 from ltsearch.errors import TrainingDiverged
@@ -59,11 +59,7 @@ class CellPlan:
         return plan
 
     def run_config(self, run: Run) -> Any:
-        raw = apply_point(self.base, run.point)
-        raw.setdefault("train", {})
-        if raw["train"].get("threads") is None:
-            raw["train"]["threads"] = self.threads
-        return build_run_config(raw)
+        return build_run_config(with_threads(apply_point(self.base, run.point), self.threads))
 
 
 def run_dir(directory: str, run_id: str) -> Path:

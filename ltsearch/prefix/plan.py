@@ -77,7 +77,7 @@ def sampled_sweep_configs(sweep: Any) -> list[RunConfig]:
     """The sweep's grid cells and `num_trials` points drawn by a seeded random sampler, as run configs."""
     import optuna
 
-    from ltsearch.config import build_run_config
+    from ltsearch.config import build_run_config, with_threads
     from ltsearch.space import apply_point
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -86,7 +86,8 @@ def sampled_sweep_configs(sweep: Any) -> list[RunConfig]:
         for _ in range(sweep.search.num_samples):
             study.enqueue_trial(dict(cell))
     points = [sweep.space.sample(study.ask()) for _ in range(sweep.num_trials)]
-    return [build_run_config(apply_point(sweep.base, point)) for point in points]
+    cpus = sweep.execution.resources.cpu
+    return [build_run_config(with_threads(apply_point(sweep.base, point), cpus)) for point in points]
 
 
 def sweep_methods(sweep: Any) -> list[str]:
@@ -100,10 +101,11 @@ def sweep_methods(sweep: Any) -> list[str]:
 
 
 def ablation_configs(ablation: Any) -> list[RunConfig]:
-    from ltsearch.config import build_run_config
+    from ltsearch.config import build_run_config, with_threads
     from ltsearch.space import apply_point
 
-    return [build_run_config(apply_point(ablation.base, run.point)) for run in ablation.runs]
+    cpus = ablation.execution.resources.cpu
+    return [build_run_config(with_threads(apply_point(ablation.base, run.point), cpus)) for run in ablation.runs]
 
 
 def describe_sharing(configs: list[RunConfig], enabled: bool, *, sampled: bool = False) -> str:

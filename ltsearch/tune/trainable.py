@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from ltsearch.config import build_run_config
+from ltsearch.config import build_run_config, with_threads
 from ltsearch.data.fingerprints import check_trial_data, record_fingerprints
 from ltsearch.epochs import SELECTABLE, scalars
 from ltsearch.prefix import PREFIX_KEY
@@ -40,11 +40,7 @@ def trial_run_config(plan: TrialPlan, point: Point) -> Any:
     Pinning the thread count keeps concurrent trials from oversubscribing the cores, and makes the
     trial's arithmetic (and so `best.yaml`'s rerun) identical to what ran under Tune.
     """
-    raw = apply_point(plan.base, point)
-    raw.setdefault("train", {})
-    if raw["train"].get("threads") is None:
-        raw["train"]["threads"] = plan.threads
-    return build_run_config(raw)
+    return build_run_config(with_threads(apply_point(plan.base, point), plan.threads))
 
 
 def train_trial(config: dict, plan: TrialPlan, data: Any = None) -> None:
