@@ -45,6 +45,13 @@ Three causes, three switches (defaults stabilise; the other value is the literal
   of its reference input (Δ to F_h^i - F_h^j, Δ_t to Δ, F~ to F_t^i): directions are learnt, scales
   are the real features', and the losses become scale-invariant in the last conv's weights, whose
   effective step then shrinks as they grow. "free" = the paper's unnormalised modules.
+
+Measured against the paper's gain (the 30-epoch reproduction on the full CIFAR-10-LT, seed 0, LDAM-DRW
+60.93 % test top-1; benchmarks/RESULTS.md): + SAFA 56.98, the two rarest classes 9 and 39 % against 15 and
+64. The literal modules (`module_scale: free`, `ms_guard: 0`) train without diverging there but reach only
+29.42 (the stabilisations stay the default); starting at the decay (T = 24, no epoch at lr 0.1) gives 57.09;
+generating at the last map, so that no later BatchNorm sees the generated features, gives 58.67 (classes 8 and 9: 12 and 46 %). None of
+the three explains the loss on the rarest classes; what does is open (ablations/diagnose/safa_short.yaml).
 """
 
 from __future__ import annotations
