@@ -166,6 +166,16 @@ def test_a_variant_file_has_its_twins_rows(variant, twin):
     assert rows[variant] == rows[twin]
 
 
+@pytest.mark.cifar
+@pytest.mark.parametrize("path", sorted((REPO / "ablations" / "diagnose").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_shipped_diagnosis_is_valid_and_shares_the_reproductions_trunk(path, cifar_root, capsys):
+    """The diagnosis ablations fork the reproduction's trunk: one prefix for every run, as RESULTS.md says."""
+    assert main(["check", str(path), "--set", f"data.root={cifar_root}"]) == 0
+    out = capsys.readouterr().out
+    runs = len(load_ablation(path, [f"data.root={cifar_root}"]).runs)
+    assert f"shared prefixes: 1 for {runs} of {runs} runs" in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", sorted(set(DIGITS_OVERRIDES) - set(SAME_ROWS_ON_DIGITS)))
 def test_every_shipped_ablation_runs_on_digits(ray_runtime, tmp_path, stem):
