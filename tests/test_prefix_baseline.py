@@ -93,7 +93,6 @@ def test_ablation_plan_puts_the_baseline_on_the_method_trunk_only_where_keys_agr
     assert "baseline:" in plan.describe() and "3 runs fork at epoch 2" in plan.describe()
 
 
-
 def test_the_dry_run_names_the_keys_the_runs_use() -> None:
     """`--dry-run` plans with the threads a cell runs with (its CPUs): the key it prints is the directory the
     trunk is saved under, not a key of the same config without threads."""
@@ -106,9 +105,11 @@ def test_the_dry_run_names_the_keys_the_runs_use() -> None:
                               "baseline=none", "columns={}", "resources.cpu=2", "train.epochs=4"])
     cells = CellPlan.of(ablation, directory="unused")
     trained = {prefix_of(cells.run_config(run), baseline=True).key for run in ablation.runs}
-    planned = {prefix_of(config, baseline=True).key for config in ablation_configs(ablation)}
+    configs = ablation_configs(ablation)
+    planned = {prefix_of(config, baseline=True).key for config in configs}
     assert planned == trained and len(trained) == len(ablation.runs) // 2  # each seed pair: one trunk for both rows
-    assert all(config.train.threads == 2 for config in ablation_configs(ablation))
+    assert all(config.train.threads == 2 for config in configs)
+
 
 # ------------------------------------------------------------------------------------- selection
 def test_a_method_run_selects_its_best_epoch_from_t_on_and_the_old_rule_stays_an_option() -> None:

@@ -50,8 +50,9 @@ Measured against the paper's gain (the 30-epoch reproduction on the full CIFAR-1
 60.93 % test top-1; benchmarks/RESULTS.md): + SAFA 56.98, the two rarest classes 9 and 39 % against 15 and
 64. The literal modules (`module_scale: free`, `ms_guard: 0`) train without diverging there but reach only
 29.42 (the stabilisations stay the default); starting at the decay (T = 24, no epoch at lr 0.1) gives 57.09;
-generating at the last map, so that no later BatchNorm sees the generated features, gives 58.67 (classes 8 and 9: 12 and 46 %). None of
-the three explains the loss on the rarest classes; what does is open (ablations/diagnose/safa_short.yaml).
+generating at the last map, so that no later BatchNorm sees the generated features, gives 58.67 (classes 8
+and 9: 12 and 46 %). None of the three explains the loss on the rarest classes; what does is open
+(ablations/diagnose/safa_short.yaml).
 """
 
 from __future__ import annotations
