@@ -293,6 +293,36 @@ def test_tail_samples_are_untouched_until_a_head_class_has_been_seen():
     assert int(smart.moments.count[2]) == 2  # ... but their moments are recorded
 
 
+def test_append_keeps_the_real_batch_and_adds_the_replaced_features_of_the_moved_tail_samples():
+    """`tail_features: append` = the batch untouched (weight 1) + exactly what `replace` puts in place of each
+    moved tail sample (weight ω), in batch order; a tail sample with no head seen yet is not appended."""
+    feats, labels = torch.randn(6, 3, 2, 2).abs(), torch.tensor([2, 3, 2, 0, 1, 3])
+    outputs = {}
+    for mode in ("replace", "append"):
+        torch.manual_seed(0)  # the same fixed head per tail class
+        smart = make_smart(selection="fixed", tau=0.5, tail_features=mode)
+        warm(smart)
+        outputs[mode] = smart(feats, labels, state())
+    replaced, appended = outputs["replace"], outputs["append"]
+    tail = torch.tensor([0, 1, 2, 5])
+    assert torch.equal(appended.feats[:6], feats)
+    assert torch.equal(appended.feats[6:], replaced.feats[tail])
+    assert torch.equal(appended.labels, torch.cat([labels, labels[tail]]))
+    assert torch.equal(appended.sample_weights, torch.cat([torch.ones(6), replaced.sample_weights[tail]]))
+    assert (appended.sample_weights[6:] > 1).all()
+
+    smart = make_smart(tail_features="append")  # a first batch of tail classes only: no head seen, nothing moves
+    out = smart(feats[:3], labels[:3], state())
+    assert torch.equal(out.feats, feats[:3]) and torch.equal(out.labels, labels[:3])
+
+
+def test_append_without_weights_appends_unweighted():
+    smart = make_smart(weights=False, tail_features="append")
+    warm(smart)
+    out = smart(torch.randn(4, 3, 2, 2), torch.tensor([3, 2, 1, 0]), state())
+    assert out.sample_weights is None and out.feats.shape[0] == 6 and torch.equal(out.labels[4:], torch.tensor([3, 2]))
+
+
 def test_weights_off_gives_no_sample_weights():
     smart = make_smart(weights=False)
     warm(smart)

@@ -97,7 +97,10 @@ class SmartConfig:
     """`augmenter.smart`. τ sharpens Γ (Eq. 4: softmax(τ·Σ̃) row-wise, larger τ = sharper) and the online
     head draw; the paper gives no value in its text, so 1 (a plain softmax) is the default to search from.
     `momentum` is used only with `ema: fixed` (Table 5 tries 0.01, 0.05, 0.1; dynamic wins). `scale`:
-    "normalized" (unit-consistent Eq. 4–6, 11; see the module docstring) or "literal" (as printed)."""
+    "normalized" (unit-consistent Eq. 4–6, 11; see the module docstring) or "literal" (as printed).
+    `tail_features`: "replace" (Eq. 6 as printed: {F_t} -> {F̃_t}, the classifier sees no real tail feature) or
+    "append" (the real tail features stay in the batch with weight 1 and F̃ is added for each moved sample
+    with weight ω; see "Known defect" in the module docstring)."""
 
     tau: float = 1.0
     ema: Literal["dynamic", "fixed"] = "dynamic"
@@ -107,6 +110,7 @@ class SmartConfig:
     selection: Literal["random", "online", "fixed"] = "random"
     covariance: Literal["full", "diagonal"] = "full"
     scale: Literal["normalized", "literal"] = "normalized"
+    tail_features: Literal["replace", "append"] = "replace"
 
     def validate(self, where: str) -> None:
         check.number(f"{where}.tau", self.tau, low=0.0, low_open=True, what="the softmax sharpness of Eq. 4")
@@ -319,9 +323,22 @@ class Smart(Augmenter):
             new = transfer_features(x, mean_t, var_t, sigma_th, gain)
             weights = self.weights(sigma_th, moved) if self.cfg.weights else None
             self.record(x.detach(), new.detach(), mean_t, tail, moved, weights, gain)
+            if self.cfg.tail_features == "append":
+                return self.appended(feats, labels, new, moved, weights)
             x = torch.where(moved[:, None, None], new, x)
         out = x.transpose(1, 2).reshape(feats.shape).to(feats.dtype)
         return AugmentOutput(out, labels, sample_weights=weights)
+
+    @staticmethod
+    def appended(feats: torch.Tensor, labels: torch.Tensor, new: torch.Tensor, moved: torch.Tensor,
+                 weights: torch.Tensor | None) -> AugmentOutput:
+        """`tail_features: append`: the batch as it came (weight 1) followed by F̃ of the moved tail samples
+        (weight ω). Appending only the moved ones keeps the loss's Σ c_i free of zero-weight padding."""
+        extra = new[moved].transpose(1, 2).reshape(-1, *feats.shape[1:]).to(feats.dtype)
+        sample_weights = None
+        if weights is not None:
+            sample_weights = torch.cat([torch.ones_like(weights), weights[moved]])
+        return AugmentOutput(torch.cat([feats, extra]), torch.cat([labels, labels[moved]]), sample_weights=sample_weights)
 
     def epoch_diagnostics(self) -> dict[str, float]:
         """Adds `transferred_share` = transferred / tail samples."""
