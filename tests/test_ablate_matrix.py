@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ltsearch.ablate.matrix import RunResult, build_matrix
+from ltsearch.ablate.outputs import write_outputs
 from ltsearch.ablate.render import aggregated_rows, heatmap_png, to_html, to_latex, to_markdown
+from ltsearch.ablate.settings import parse_ablation
 
 SEEDS = [(0, 10), (1, 11), (2, 12)]
 BASE, SAFA, NO_LR = "LDAM-DRW", "SAFA", "w/o L_r"
@@ -236,18 +238,27 @@ def test_heatmap_is_a_png_of_plausible_size(baseline):
     assert width > height > 150
 
 
-def test_aggregated_rows_round_trip_through_pyarrow_and_parquet(tmp_path):
+def test_aggregated_rows_round_trip_through_the_matrix_parquet_writer(tmp_path):
     rows = aggregated_rows(ablation())
     assert len(rows) == 6 and rows[2]["row"] == SAFA and rows[2]["column"] == A
     safa = rows[2]
     assert safa["n"] == 3 and safa["best"] and safa["significant"] is True and safa["diff_pairs"] == 3
     assert safa["diff_low"] < safa["diff_mean"] < safa["diff_high"] and safa["diff_method"] == "paired t, 95%"
     assert rows[0]["baseline"] and rows[0]["diff_mean"] is None and rows[0]["significant"] is None
-    table = pa.table({key: [row[key] for row in rows] for key in rows[0]})
-    assert table.to_pylist() == rows == pa.Table.from_pylist(rows).to_pylist()
-    assert table.schema.field("mean").type == pa.float64() and table.schema.field("significant").type == pa.bool_()
-    pq.write_table(table, tmp_path / "matrix.parquet")
-    assert pq.read_table(tmp_path / "matrix.parquet").to_pylist() == rows
+    # matrix.parquet as `ltsearch ablate` and `report` write it: the runs' records, then one row per cell (write_outputs
+    # reads only the ablation's metric and reference; the matrix is this file's)
+    settings = parse_ablation({"rows": {BASE: {}, SAFA: {}, NO_LR: {}}}, source="matrix.yaml")
+    record = {"kind": "run", "row": BASE, "column": A, "train_seed": 0, "data_seed": 10, "status": "completed",
+              "error": None, "test/top1": 77.0}
+    files = write_outputs(settings, str(tmp_path), [], [record], {"test/top1": ablation()})
+    table = pq.read_table(tmp_path / "matrix.parquet")
+    assert files["matrix.parquet"] == (tmp_path / "matrix.parquet").read_bytes()
+    columns = [*record, *(key for key in rows[0] if key not in record)]
+    assert table.column_names == columns
+    assert table.to_pylist() == [{key: row.get(key) for key in columns} for row in [record, *({"kind": "cell", **r} for r in rows)]]
+    types = {name: table.schema.field(name).type for name in ("mean", "n", "significant", "baseline", "diff_mean", "test/top1")}
+    assert types == {"mean": pa.float64(), "n": pa.int64(), "significant": pa.bool_(), "baseline": pa.bool_(),
+                     "diff_mean": pa.float64(), "test/top1": pa.float64()}
 
 
 def test_a_cell_whose_selected_epoch_precedes_its_method_is_marked_in_every_format():

@@ -235,15 +235,16 @@ def test_generation_rate_per_class_is_one_minus_count_ratio():
 
 
 def test_rejection_draw_follows_eq3():
-    # Seeds of class 0 (n=100) for class 1 (n=50) with β = 0.99: accepted with probability 1 − 0.99^50.
+    # Seeds of class 0 (n=100) for class 1 (n=50) with β = 0.99: a class-1 sample is generated with probability
+    # 1 − 50/100 and the translation kept with 1 − 0.99^(100−50) (Eq. 3 uses the gap, not n_0: 1 − 0.99^100 would give 0.32).
     g = linear([[0.0] * 4] * 2, [0.0, 0.0])
     f = linear([[0.0] * 4] * 2, [0.0, 0.0])
-    aug = make_m2m(g, counts=torch.tensor([100, 0]), gamma=ACCEPT_ALL, beta=0.99, steps=1)
+    aug = make_m2m(g, counts=torch.tensor([100, 50]), gamma=ACCEPT_ALL, beta=0.99, steps=1)
     torch.manual_seed(5)
     labels = torch.tensor([0] + [1] * 3000)
     feats = torch.full((len(labels), 1, 2, 2), 0.5)
     rate = (aug(feats, labels, state(f)).feats != feats).flatten(1).any(dim=1)[1:].float().mean().item()
-    p = 1 - 0.99 ** 100
+    p = (1 - 50 / 100) * (1 - 0.99 ** 50)  # ≈ 0.198
     assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / 3000)
 
 

@@ -8,11 +8,14 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from test_engine import assert_same_run
 from ltsearch.augmenters.base import Augmenter, TrainState
 from ltsearch.config import load_run_config
 from ltsearch.engine import Trainer, fit
@@ -45,16 +48,91 @@ def finite(metrics: dict) -> bool:
     return all(math.isfinite(v) for k, v in metrics.items() if isinstance(v, float))
 
 
+# ------------------------------------------------------------------------------------ step records
+@dataclass
+class Step:
+    """One training step as the hooks saw it: the loader's batch, then (kind, ...) events in call order."""
+
+    epoch: int
+    x: torch.Tensor
+    y: torch.Tensor
+    events: list[tuple] = field(default_factory=list)
+
+    def parts(self) -> tuple[list[tuple], tuple, list[tuple], tuple]:
+        """(stage calls before the augmenter, the augmenter's call, stage calls after it up to the loss, the loss call).
+        Calls the augmenter makes itself (M2m's f, SAFA's head) fall between its two events and are left out."""
+        kinds = [event[0] for event in self.events]
+        called, returned = kinds.index("augmenter called"), kinds.index("augmenter")
+        loss = returned + 1 + kinds[returned + 1:].index("loss")
+        before = [event for event in self.events[:called] if event[0] == "stage"]
+        after = [event for event in self.events[returned + 1:loss] if event[0] == "stage"]
+        return before, self.events[returned], after, self.events[loss]
+
+
+def record_steps(trainer: Trainer) -> list[Step]:
+    """Forward hooks on the backbone's stages and pool, the augmenter and the loss, and a wrapper around the engine's
+    step that notes the batch: what every training step handed to whom. The product code runs unchanged."""
+    steps: list[Step] = []
+    model = trainer.model
+
+    def add(*event) -> None:
+        if steps:
+            steps[-1].events.append(tuple(part.detach() if isinstance(part, torch.Tensor) else part for part in event))
+
+    for index, module in enumerate([*model.stages, model.pool]):  # index len(stages): the pool, before the classifier
+        module.register_forward_hook(lambda m, args, out, index=index: add("stage", index, args[0], out))
+    trainer.augmenter.register_forward_pre_hook(lambda m, args: add("augmenter called"))
+    trainer.augmenter.register_forward_hook(lambda m, args, out: add("augmenter", *args, out))
+    trainer.loss_fn.register_forward_hook(lambda m, args, kwargs, out: add("loss", *args, kwargs, out), with_kwargs=True)
+    engine_step = trainer.train_step
+
+    def train_step(x, y, class_weights):
+        steps.append(Step(trainer.epoch, x, y))
+        return engine_step(x, y, class_weights)
+
+    trainer.train_step = train_step
+    return steps
+
+
+def changed_the_batch(feats: torch.Tensor, out) -> bool:
+    """The method did something to what the classifier trains on: samples added or moved, or weights other than 1."""
+    weighted = out.sample_weights is not None and not bool((out.sample_weights == 1).all())
+    return out.feats.shape != feats.shape or not torch.equal(out.feats, feats) or weighted
+
+
+# resnet32's boundaries on 8x8 digits, from the architecture (not from its feature_info): input, stem, layer1, layer2, layer3
+RESNET32_ON_DIGITS = {0: (1, 8, 8), 1: (16, 8, 8), 2: (16, 8, 8), 3: (32, 4, 4), 4: (64, 2, 2)}
 CASES = [(m, k) for m in METHODS for k in valid_insertion_points(m, "resnet32")]
 
 
 @pytest.mark.parametrize(("method", "insert_at"), CASES, ids=[f"{m}-k{k}" for m, k in CASES])
 def test_trains_at_every_insertion_point_of_resnet32(method: str, insert_at: int) -> None:
+    """In every step the augmenter gets exactly what stages [0, k) made of the batch, the stages from k on get exactly
+    what it handed back, and in some step it changed that (k = 1 and 2 have one shape: the values tell them apart)."""
     config = config_for(method, "model.name=resnet32", f"augmenter.insert_at={insert_at}", "augmenter.start_epoch=0",
                         "train.epochs=1", "data.max_train_per_class=16")
-    (result,) = list(fit(config))
+    trainer = Trainer(config)
+    steps = record_steps(trainer)
+    (result,) = list(trainer.run())
     assert finite(result.metrics), result.metrics
     assert result.metrics["train/loss"] > 0
+    stages = len(trainer.model.stages)
+    assert len(steps) == len(trainer.loader) and stages == 4
+    acted = 0
+    for step in steps:
+        before, (_, feats, labels, _, out), after, (_, logits, targets, _, _) = step.parts()
+        assert [event[1] for event in before] == list(range(insert_at))  # forward_until(k) and nothing else
+        reached = step.x
+        for _, _, given, made in before:
+            assert torch.equal(given, reached)
+            reached = made
+        assert torch.equal(feats, reached) and torch.equal(labels, step.y)
+        assert tuple(feats.shape) == (len(step.y), *RESNET32_ON_DIGITS[insert_at])
+        assert [event[1] for event in after] == list(range(insert_at, stages + 1))  # forward_from(k): the rest, the pool
+        assert torch.equal(after[0][2], out.feats)
+        assert logits.shape[0] == len(targets) == out.feats.shape[0] and torch.equal(targets, out.labels)
+        acted += changed_the_batch(feats, out)
+    assert acted > 0, f"{method} at k={insert_at} never changed a batch"
 
 
 def _resnet50_state(model) -> TrainState:
@@ -119,31 +197,84 @@ def test_evaluation_ignores_training_only_augmenters(method: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_with_augmenter_state_is_exact(method: str, tmp_path: Path) -> None:
+    """Resumed after epoch 0 (before the method starts at 1): every history column (train/aux/*, aug/*), the weights,
+    the augmenter's state and the optimiser's slots equal an uninterrupted run's."""
     overrides = ("augmenter.start_epoch=1", "train.epochs=3")
-    straight = [r.metrics for r in fit(config_for(method, *overrides))]
+    straight = Trainer(config_for(method, *overrides))
+    for _ in straight.run():
+        pass
     trainer = Trainer(config_for(method, *overrides))
     for result in trainer.run():
         result.save_checkpoint(tmp_path)
         break
-    resumed = [r.metrics for r in fit(config_for(method, *overrides), resume_from=tmp_path)]
-    assert len(resumed) == 2
-    for a, b in zip(straight[1:], resumed):
-        for key in ("train/loss", "test/top1", "test/per_class", "val/top1"):
-            assert a[key] == b[key], (method, key)
-        aux = [key for key in a if key.startswith("train/aux/")]
-        assert aux == [key for key in b if key.startswith("train/aux/")]
-        assert all(a[key] == b[key] for key in aux)
+    resumed = list(fit(config_for(method, *overrides), resume_from=tmp_path))
+    assert [r.epoch for r in resumed] == [1, 2]
+    diagnostics = [key for key in straight.history[-1] if key.startswith("aug/")]
+    assert diagnostics and not any(key.startswith("aug/") for key in straight.history[0])  # the method acted after the cut
+    assert_same_run(straight, resumed[-1].trainer)
 
 
 LOSS_CASES = [(m, loss) for m in METHODS for loss in LOSSES.names()]
 
 
+def per_sample_loss(name: str, logits: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each loss at its paper defaults, written out here (float64) rather than taken from ltsearch.losses."""
+    if name == "balanced_softmax":  # CE(z + log n_c)
+        logits = logits + counts.log()
+    elif name == "ldam":  # CE(30·(z − m_y·e_y)), m_c = 0.5·(n_min / n_c)^(1/4)
+        margins = 0.5 * (counts.min() / counts) ** 0.25
+        logits = 30.0 * (logits - F.one_hot(targets, len(counts)) * margins[targets, None])
+    cross_entropy = F.cross_entropy(logits, targets, reduction="none")
+    if name == "focal":  # (1 − p_y)^γ·CE with γ = 1
+        return (1.0 - torch.softmax(logits, 1).gather(1, targets[:, None]).squeeze(1)) * cross_entropy
+    return cross_entropy  # ce; logit_adjust trains with plain CE in its default post-hoc mode
+
+
 @pytest.mark.parametrize(("method", "loss"), LOSS_CASES, ids=[f"{m}-{l}" for m, l in LOSS_CASES])
 def test_combines_with_every_loss_and_drw(method: str, loss: str) -> None:
+    """Every step's classification loss is the named loss of the batch the augmenter handed back (appended samples,
+    ω) with DRW's class weights from epoch 1 on, and the reported loss is that term plus the weighted aux terms."""
     config = config_for(method, f"loss.name={loss}", "augmenter.start_epoch=0", "train.epochs=2",
                         "loss.reweight.kind=effective_number", "loss.reweight.start_epoch=1", "data.max_train_per_class=16")
-    results = list(fit(config))
+    trainer = Trainer(config)
+    steps = record_steps(trainer)
+    results = list(trainer.run())
     assert all(finite(r.metrics) for r in results)
+    counts = trainer.class_counts.double()
+    drw = (1 - 0.9999) / (1 - 0.9999 ** counts)  # Cui et al.'s effective number at β = 0.9999, summing to C
+    drw = drw * len(counts) / drw.sum()
+    appended_under_drw = weighted = 0
+    for step in steps:
+        _, (_, feats, _, state, out), _, (_, logits, targets, kwargs, value) = step.parts()
+        assert torch.equal(targets, out.labels) and logits.shape[0] == len(targets)
+        omega = kwargs.get("sample_weights")
+        assert (omega is None) == (out.sample_weights is None) and (omega is None or torch.equal(omega, out.sample_weights))
+        class_weights = kwargs.get("class_weights")
+        if step.epoch == 0:
+            assert class_weights is None and state.class_weights is None
+            c = torch.ones(len(targets), dtype=torch.float64)
+        else:
+            assert class_weights is not None, "DRW's class weights never reached the loss"
+            assert torch.allclose(class_weights.double(), drw, rtol=1e-6, atol=0) and torch.equal(state.class_weights, class_weights)
+            c = drw[targets]
+        omega = torch.ones_like(c) if omega is None else omega.double()
+        expected = (c * omega * per_sample_loss(loss, logits.double(), targets, counts)).sum() / c.sum()
+        assert float(value) == pytest.approx(float(expected), rel=1e-5, abs=1e-7), (step.epoch, loss)
+        appended_under_drw += step.epoch == 1 and len(targets) > len(step.y)
+        weighted += not bool((omega == 1).all())
+    if method in ("safa", "rsg"):
+        assert appended_under_drw > 0  # the weights were checked on batches with generated samples
+    if method == "smart":
+        assert weighted > 0
+    lam, gamma = trainer.augmenter.loss_weights, trainer.augmenter.cls_weight
+    for result in results:  # train/loss and train/cls_loss average γ·L_cls + Σ λ·aux over the real samples of the epoch
+        calls = [(len(step.y), step.parts()[1][4], step.parts()[3][4]) for step in steps if step.epoch == result.epoch]
+        seen = sum(n for n, _, _ in calls)
+        cls = sum(n * float(value) for n, _, value in calls) / seen
+        total = sum(n * (gamma * float(value) + sum(lam.get(name, 1.0) * float(term.detach()) for name, term in out.aux_losses.items()))
+                    for n, out, value in calls) / seen
+        assert result.metrics["train/cls_loss"] == pytest.approx(cls, rel=1e-5)
+        assert result.metrics["train/loss"] == pytest.approx(total, rel=1e-5)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -14,8 +14,10 @@ from ltsearch.augmenters.base import head_class_mask
 from ltsearch.config import DataConfig
 from ltsearch.data import build_dataset, create_train_loader, eval_batches
 from ltsearch.data.augment import horizontal_flip, random_crop, to_unit_range
+from ltsearch.data.loader import FileLoader, ResidentLoader, _storage_device
 from ltsearch.data.samplers import instance
 from ltsearch.errors import ConfigError
+from ltsearch.registry import SAMPLERS
 
 CFG = DataConfig()
 
@@ -157,19 +159,92 @@ def test_image_size_resizes_train_and_eval_batches():
     assert next(iter(eval_batches(data, "val", batch_size=8, device="cpu")))[0].shape == (8, 1, 16, 16)
 
 
-@pytest.mark.parametrize("placement", ["device", "loader", "auto"])
-def test_every_placement_yields_the_same_batches(digits, placement):
-    cfg = dataclasses.replace(CFG, placement=placement)
-    reference = collect(create_train_loader(digits, CFG, batch_size=32, device="cpu", seed=2).epoch("instance"))
-    got = collect(create_train_loader(digits, cfg, batch_size=32, device="cpu", seed=2).epoch("instance"))
-    assert torch.equal(reference[0], got[0]) and torch.equal(reference[1], got[1])
+# ------------------------------------------------------------------------------ placements and paths
+COUNTS = [6, 3, 2]
+
+
+@pytest.fixture(scope="module")
+def same_images_twice(tmp_path_factory):
+    """One small RGB set (6x6, 6/3/2 train images) as an .npz (in memory: the resident loader) and as PNG files
+    with image lists (on disk: DataLoader workers). 6 px, because the files' un-augmented transform,
+    Resize(int(6·256/224) = 6) + CenterCrop(6), then leaves the pixels as they are."""
+    from torchvision.io import write_png
+
+    root = tmp_path_factory.mktemp("same-images")
+    generator = torch.Generator().manual_seed(0)
+    train_y = torch.arange(3).repeat_interleave(torch.tensor(COUNTS))
+    train_x = torch.randint(0, 256, (len(train_y), 3, 6, 6), dtype=torch.uint8, generator=generator)
+    test_y = torch.arange(3).repeat_interleave(3)
+    test_x = torch.randint(0, 256, (len(test_y), 3, 6, 6), dtype=torch.uint8, generator=generator)
+    for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
+        lines = []
+        for i, (image, label) in enumerate(zip(images, labels)):
+            write_png(image, str(root / f"{split}{i}.png"))
+            lines.append(f"{split}{i}.png {int(label)}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    np.savez(root / "images.npz", x_train=train_x.numpy(), y_train=train_y.numpy(), x_test=test_x.numpy(), y_test=test_y.numpy())
+    resident = DataConfig(name="npz", path=str(root / "images.npz"), imbalance=1.0, augment="none")
+    files = DataConfig(name="imagelist", root=str(root), train_list="train.txt", test_list="test.txt", image_size=6,
+                       workers=0, augment="none")
+    return (build_dataset(resident), resident), (build_dataset(files), files), train_x
+
+
+def test_resident_tensors_and_the_dataloader_path_yield_the_same_batches(same_images_twice):
+    """On the CPU every placement keeps in-memory images resident on the host (one code path: see the next test);
+    the path that differs there is the files' DataLoader. Both draw an epoch's indices from one seeded generator
+    first, so, un-augmented, they batch the same images in the same order."""
+    (resident_data, resident_cfg), (file_data, file_cfg), images = same_images_twice
+    assert resident_data.in_memory and not file_data.in_memory
+    assert torch.equal(resident_data.train.labels, file_data.train.labels) and resident_data.class_counts.tolist() == COUNTS
+    resident = create_train_loader(resident_data, resident_cfg, batch_size=4, device="cpu", seed=2)
+    files = create_train_loader(file_data, file_cfg, batch_size=4, device="cpu", seed=2)
+    assert isinstance(resident, ResidentLoader) and resident.images.device.type == "cpu" and isinstance(files, FileLoader)
+    reference = torch.Generator().manual_seed(2)  # un-augmented, an epoch draws only its sampler's indices
+    for sampler in ("instance", "class_balanced"):
+        order = SAMPLERS.get(sampler).obj(resident_data.train.labels, resident_data.class_counts, num_samples=11,
+                                          batch_size=4, generator=reference, head_mask=None)
+        got = [list(loader.epoch(sampler)) for loader in (resident, files)]
+        assert [len(y) for _, y in got[0]] == [len(y) for _, y in got[1]] == [4, 4, 3]
+        (x_resident, y_resident), (x_files, y_files) = collect(got[0]), collect(got[1])
+        assert torch.equal(y_resident, resident_data.train.labels[order]) and torch.equal(y_files, y_resident)
+        assert torch.equal(x_resident, to_unit_range(images[order], 6)) and x_files.dtype == torch.float32
+        assert torch.equal((x_files * 255).round().to(torch.uint8), images[order])
+        # k·(1/255) (torchvision's ToDtype) against k/255 correctly rounded (the resident table): one float32 rounding apart
+        assert torch.allclose(x_files, x_resident, rtol=0, atol=2**-24)
+
+
+def test_placement_picks_where_the_images_are_stored(digits, monkeypatch):
+    """The decision the CUDA paths rest on, checked without a GPU: `loader` keeps the host, `device` the device, and
+    `auto` the device unless the uint8 training set takes more than half of its free memory; on the CPU, the CPU."""
+    nbytes = digits.train.images.numel()
+    free = {"bytes": 2 * nbytes}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 10 * nbytes))
+    cuda = torch.device("cuda")
+    assert [_storage_device(digits.train, p, cuda).type for p in ("device", "loader", "auto")] == ["cuda", "cpu", "cuda"]
+    free["bytes"] = 2 * nbytes - 2  # half of it is one byte short of the images
+    assert [_storage_device(digits.train, p, cuda).type for p in ("device", "loader", "auto")] == ["cuda", "cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("asked a CPU run for GPU memory"))
+    assert {_storage_device(digits.train, p, torch.device("cpu")).type for p in ("device", "loader", "auto")} == {"cpu"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_batches_equal_cpu_batches(digits):
+@pytest.mark.parametrize(("placement", "storage"), [("device", "cuda"), ("loader", "cpu"), ("auto", "cuda"), ("auto-full", "cpu")])
+def test_cuda_storage_paths_yield_the_cpu_batches(digits, placement, storage, monkeypatch):
+    """Images on the GPU (index, crop, flip there) or pinned on the host (index there, copy each batch): the CPU's batches.
+    `auto-full`: `auto` on a GPU whose free memory the images would more than half fill."""
+    if placement == "auto-full":
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (digits.train.images.numel(), 2**40))
+    cfg = dataclasses.replace(CFG, placement=placement.removesuffix("-full"))
     cpu = collect(create_train_loader(digits, CFG, batch_size=64, device="cpu", seed=5).epoch("class_balanced"))
-    cuda = collect(create_train_loader(digits, CFG, batch_size=64, device="cuda", seed=5).epoch("class_balanced"))
-    assert cuda[0].device.type == "cuda"
+    loader = create_train_loader(digits, cfg, batch_size=64, device="cuda", seed=5)
+    assert isinstance(loader, ResidentLoader) and loader.images.device.type == storage
+    assert storage == "cuda" or loader.images.is_pinned()
+    cuda = collect(loader.epoch("class_balanced"))
+    assert cuda[0].device.type == cuda[1].device.type == "cuda"
     assert torch.equal(cpu[0], cuda[0].cpu()) and torch.equal(cpu[1], cuda[1].cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_eval_batches_equal_cpu_batches(digits):
     assert np.array_equal(collect(eval_batches(digits, "test", batch_size=64, device="cuda"))[0].cpu().numpy(),
                           (digits.test.images.float() / 255).numpy())
