@@ -236,6 +236,39 @@ def test_normalized_scale_is_eq4_5_on_unit_covariances_coloured_to_the_head_tota
     assert (omega > 1).all() and (omega < 2).all()
 
 
+def test_normalized_step_on_a_hand_computed_correlated_pair():
+    """The default path against numbers worked by hand, not against a copy of its formulas.
+
+    Tail class 2: μ_t = (2, −1), Σ_t = [[1, .5], [.5, 1]] (v̄_t = 1); head class 0: μ_h = (5, 5), Σ_h = 2·I
+    (v̄_h = 2, Σ̂_h = I). Σ̃ = Σ̂_tᵀΣ̂_h = Σ_t; τ = 2·ln 3 makes each row of Γ = softmax(τ·Σ̃) (.75, .25), so
+    Σ_th = [[.75, .125], [.125, .75]], with eigenvalues .875 along e1 = (1, 1)/√2 and .625 along e2 = (1, −1)/√2,
+    where Σ_t has 1.5 and .5. ω = 1 + (.75 + .125 + .125 + .75)/2² = 1.4375. With σ_t² = 1, Cov(z) = Σ_t and
+    tr(Σ_thᵀ Σ_t Σ_th) = .875²·1.5 + .625²·.5 = 1.34375, so κ = √(tr Σ_h / 1.34375) = √(4 / 1.34375).
+    Each batch's moments equal the running ones, so the step's own update (Algorithm 1, line 7) keeps them.
+    """
+    smart = make_smart(channels=2, tau=2 * LN3)
+    e1, e2 = torch.tensor([1.0, 1.0]) / math.sqrt(2), torch.tensor([1.0, -1.0]) / math.sqrt(2)
+    tail_offsets = torch.stack([math.sqrt(3) * e1, -math.sqrt(3) * e1, e2, -e2])  # mean 0, biased cov Σ_t
+    head_offsets = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]])  # mean 0, biased cov 2·I
+    mean_t, mean_h = torch.tensor([2.0, -1.0]), torch.tensor([5.0, 5.0])
+    m = smart.moments
+    m.mean[2], m.cov[2], m.count[2] = mean_t, torch.tensor([[1.0, 0.5], [0.5, 1.0]]), 10
+    m.mean[0], m.cov[0], m.count[0] = mean_h, 2 * torch.eye(2), 10  # class 0 is the only head seen: always drawn
+    x = torch.stack([mean_t + tail_offsets, mean_h + head_offsets])  # (2 images, 4 positions, 2 channels)
+    feats = x.transpose(1, 2).reshape(2, 2, 2, 2)
+    out = smart(feats, torch.tensor([2, 0]), state())
+
+    kappa = math.sqrt(4 / 1.34375)
+    moved = mean_t + kappa * torch.stack([0.875 * math.sqrt(3) * e1, -0.875 * math.sqrt(3) * e1, 0.625 * e2, -0.625 * e2])
+    torch.testing.assert_close(positions(out.feats)[0], moved, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved.var(0, unbiased=False).sum(), torch.tensor(4.0))  # tr Σ_h, the head's total
+    assert torch.equal(out.feats[1], feats[1])
+    torch.testing.assert_close(out.sample_weights, torch.tensor([1.4375, 1.0]))
+    diagnostics = smart.epoch_diagnostics()
+    assert diagnostics["kappa"] == pytest.approx(kappa, rel=1e-5)
+    assert diagnostics["omega"] == pytest.approx(1.4375, rel=1e-6)
+
+
 def test_normalized_transfer_gives_the_tail_class_the_head_total_variance_and_keeps_its_mean():
     gen = torch.Generator().manual_seed(4)
     mix_t, mix_h = torch.randn(3, 3, generator=gen), 3.0 * torch.randn(3, 3, generator=gen)
