@@ -477,6 +477,35 @@ def yaml_error_line(source: str, error: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {text}"
 
 
+def load_yaml_file(path: Path) -> Any:
+    """A file's YAML (None when empty); unreadable, not UTF-8 or not YAML, it is one line naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError("file", str(path), f"a UTF-8 text file (byte {error.start} is not UTF-8)") from None
+    except OSError as error:
+        raise ConfigError("file", str(path), f"a readable file ({error.strerror or error})") from None
+    try:
+        return load_yaml_text(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("file", str(path), "valid YAML", message=yaml_error_line(str(path), error)) from None
+
+
+def read_saved(path: Path, key: str) -> dict:
+    """A file ltsearch saved in a directory it wrote (sweep.yaml, ablation.yaml) as a mapping; edited, cut short or
+    emptied since, it is one line naming the file, under `key` (the argument that named the directory)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(key, str(path.parent), "valid YAML", message=yaml_error_line(str(path), error)) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(key, str(path.parent), f"a readable {path.name} ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(key, str(path.parent), f"a directory whose {path.name} is the mapping ltsearch wrote, but {path} is "
+                          + ("empty" if raw is None else "not a mapping"))
+    return raw
+
+
 def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML mapping, following `base: other.yaml` or `base: [a.yaml, b.yaml]` (relative to the file).
 
@@ -492,16 +521,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if here in _chain:
         cycle = " -> ".join(p.name for p in (*_chain[_chain.index(here):], here))
         raise ConfigError("base", str(path), f"a chain of base files without a cycle, but it loops: {cycle}", source=str(_chain[-1]))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError("file", str(path), f"a UTF-8 text file (byte {error.start} is not UTF-8)") from None
-    except OSError as error:
-        raise ConfigError("file", str(path), f"a readable file ({error.strerror or error})") from None
-    try:
-        raw = load_yaml_text(text)
-    except yaml.YAMLError as error:
-        raise ConfigError("file", str(path), "valid YAML", message=yaml_error_line(str(path), error)) from None
+    raw = load_yaml_file(path)
     if raw is None:
         raise ConfigError("file", str(path), "a YAML mapping, but the file is empty (or only comments)")
     if not isinstance(raw, dict):

@@ -128,21 +128,7 @@ def test_rows_auto_is_the_method_each_component_removed_and_the_method_off(tmp_p
         assert len(ablation.runs) == len(ablation.rows) * 2 * 2
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["baseline=nobody"], "baseline"),
-    (["rows.LDAM={loss.name: ce, loss.ldam.max_m: 0.5}"], "loss.ldam.max_m"),
-    (["colums={}"], "colums"),
-    (["columns={data.imbalance: []}"], "columns.data.imbalance"),
-    (["seeds={train: [0, 0]}"], "seeds.train"),
-    (["reference={LDAM: {10: 95.0}}"], "reference.source"),
-    (["rows.CE={optim.lr: -1}"], "optim.lr"),
-    (["resources.cpu=64"], "resources.cpu"),
-])
-def test_bad_ablations_are_refused_before_anything_starts(tmp_path, capsys, overrides, key):
-    out = tmp_path / "out"
-    assert main(["ablate", str(write(tmp_path, TINY)), "--set", *overrides, "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert key in err and err.count("\n") == 1 and not out.exists()
+# Bad ablation files and arguments are refused by the rules of every command: tests/test_hardening_corpus.py (ablate-*).
 
 
 def test_dry_run_prints_the_shape_runs_and_epochs(tmp_path, capsys):

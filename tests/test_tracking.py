@@ -5,7 +5,9 @@ Sweeps (parent/child runs through Ray Tune) are in test_tracking_sweep.py.
 
 from __future__ import annotations
 
+import http.server
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -124,16 +126,47 @@ def test_a_step_reported_twice_in_one_batch_is_written_once_with_its_last_values
     assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.9), (2, 0.7), (3, 0.6)]
 
 
-def test_an_unreachable_store_never_blocks_and_lists_what_was_not_written(capsys: pytest.CaptureFixture) -> None:
-    tracker = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{_closed_port()}"), "exp", retry_s=0.5)
-    start = time.monotonic()
-    tracker.open_run("run", name="r", find={"ltsearch.kind": "train"})
-    for epoch in range(20):
-        tracker.log_metrics("run", epoch, {"train/loss": 1.0})
-    queued = time.monotonic() - start
-    unwritten = record.finish(tracker, timeout_s=2.0)
+def test_an_unreachable_store_never_blocks_and_lists_what_was_not_written(capsys: pytest.CaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queueing never waits on the store, shown without a stopwatch: a server that takes the writer's first request
+    and does not answer holds that request for as long as the test likes, and all 20 epochs are queued meanwhile.
+    Then the server goes away (the port is closed) and every write is reported as not written."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")  # the held request is not given up while the test runs
+    asked, released, queued = threading.Event(), threading.Event(), threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # hold the request until released, then hang up without an answer
+            asked.set()
+            released.wait()
+            self.close_connection = True
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def queue() -> None:
+        for epoch in range(20):
+            tracker.log_metrics("run", epoch, {"train/loss": 1.0})
+        queued.set()
+
+    try:
+        tracker = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{server.server_address[1]}"), "exp", retry_s=0.5)
+        tracker.open_run("run", name="r", find={"ltsearch.kind": "train"})
+        assert asked.wait(120), "the writer never sent its first request"
+        threading.Thread(target=queue, daemon=True).start()
+        # a writer that made callers wait would keep them waiting until the held request ends (the test ends it below)
+        assert queued.wait(120), "queueing writes waited on the store"
+    finally:
+        released.set()
+        server.shutdown()
+        server.server_close()  # from here on the port refuses connections
+    unwritten = record.finish(tracker, timeout_s=60.0)
     err = capsys.readouterr().err
-    assert queued < 0.5, "queueing writes must not wait on the store"
     assert len(unwritten) == 21 and unwritten[0] == "open run 'r'"
     assert err.count("cannot reach") == 1 and "21 write(s) did not reach" in err
 

@@ -2,7 +2,7 @@
 2-node Ray cluster on loopback (`ray start --head` + `ray start --address`) started and stopped here.
 
 Every process these tests start is stopped by its id (the driver's whole session, the `ray start
---block` supervisors), also when an assertion fails.
+--block` supervisors, the second driver that holds a node's CPU), also when an assertion fails.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ SAFA_SWEEP = """\
 base: {base}
 name: safa_cluster
 augmenter: {{name: safa, start_epoch: 3}}
-train: {{epochs: 20}}
+train: {{epochs: 6}}
 model: {{width: 16}}
 space:
   augmenter.safa.lambda_recycle: {{loguniform: [10.0, 1000.0]}}
@@ -161,32 +161,75 @@ resources: {{cpu: 1}}
 tracking: {{enabled: false}}
 """
 
+#: A second Ray driver that takes the one CPU of the node it is told (a line on stdin), so that the sweep's trials,
+#: one CPU each, can only run on the other node. It prints the cluster's node ids, then each seat's node once taken.
+SEAT = """\
+import json, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-def test_a_sweep_on_a_two_node_cluster_places_trials_on_both_nodes(tmp_path):
+ray.init(address=sys.argv[1], log_to_driver=False)
+alive = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps({"head": [n["NodeID"] for n in alive if "node:__internal_head__" in n["Resources"]],
+                  "worker": [n["NodeID"] for n in alive if "node:__internal_head__" not in n["Resources"]]}), flush=True)
+
+@ray.remote(num_cpus=1)
+class Seat:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+seat = None
+for line in sys.stdin:
+    if seat is not None:
+        ray.kill(seat)
+    seat = Seat.options(scheduling_strategy=NodeAffinitySchedulingStrategy(line.strip(), soft=False)).remote()
+    print(ray.get(seat.node.remote()), flush=True)
+"""
+
+
+def take_seat(seat: subprocess.Popen, node: str) -> None:
+    """Occupy `node`'s CPU (the previous seat is given up); returns once the seat is taken."""
+    seat.stdin.write(node + "\n")
+    seat.stdin.flush()
+    assert seat.stdout.readline().strip() == node
+
+
+def test_a_sweep_runs_its_trials_on_whichever_node_has_room_and_shares_its_prefix_there(tmp_path):
+    """Placement is forced, not hoped for: each node has one CPU, a trial takes one, and a second driver holds
+    one node's CPU while a sweep runs, so every trial of that sweep must run on the other node (Tune would
+    otherwise reuse a warm actor, and trials landed on one node or two depending on the machine's load). Each node
+    gets a sweep: the plain sweep runs on the head (where the driver is), the SAFA sweep on the worker, where
+    every trial reaches the driver's prefix board across nodes and forks one trunk, trained once."""
     temp = Path(f"/tmp/lts-{os.getpid()}-{time.monotonic_ns() % 10**6}")  # short: Ray's socket paths have a length limit
     temp.mkdir()
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "LTSEARCH_CACHE": str(tmp_path / "cache")}
-    nodes = []
+    nodes, seat = [], None
     try:
         nodes.append(start_node(["--head", "--port", str(port), "--temp-dir", str(temp), "--include-dashboard", "false"],
                                 tmp_path / "head.log", env))
         wait_started(nodes[0], tmp_path / "head.log")
         nodes.append(start_node(["--address", f"127.0.0.1:{port}"], tmp_path / "worker.log", env))
         wait_started(nodes[1], tmp_path / "worker.log")
+        seat = subprocess.Popen([sys.executable, "-c", SEAT, f"127.0.0.1:{port}"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=(tmp_path / "seat.log").open("w"), text=True, start_new_session=True)
+        ids = json.loads(seat.stdout.readline() or "{}")
+        assert len(ids.get("head", [])) == 1 and len(ids.get("worker", [])) == 1, (ids, (tmp_path / "seat.log").read_text()[-2000:])
+        (head,), (worker,) = ids["head"], ids["worker"]
         driver_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # `ltsearch tune` must switch token auth on itself
+
+        take_seat(seat, worker)
         out = tmp_path / "sweep"
-        # trials of ~4 s here and in SAFA_SWEEP (17 epochs after the shared 3): a 3-epoch trial took 0.25 s, so the
-        # first node's warm actor ran all four (Tune reuses it) before the second node's worker had imported torch
-        run = subprocess.run([str(BIN / "ltsearch"), "tune", QUICKSTART, *SMALL, "--set", "train.epochs=60", "--set", "search.num_samples=4",
+        run = subprocess.run([str(BIN / "ltsearch"), "tune", QUICKSTART, *SMALL, "--set", "train.epochs=3", "--set", "search.num_samples=4",
                               "--address", f"127.0.0.1:{port}", "--out", str(out)], env=driver_env, capture_output=True, text=True,
                              timeout=300, start_new_session=True)
         assert run.returncode == 0, run.stderr[-3000:]
         rows = read_table(out / "trials.parquet")
         assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
-        assert len({r["node_id"] for r in rows}) == 2, "every trial ran on one node"
+        assert [r["node_id"] for r in rows] == [head] * 4, "a trial ran on the node whose CPU was taken"
         assert "warning" not in run.stdout  # both nodes are this machine: the local sweep directory is visible to both
-        # trials on both nodes share one prefix: one trunk trained once, wherever it ran, and every trial forked it
+
+        take_seat(seat, head)
         file = tmp_path / "safa.yaml"
         file.write_text(SAFA_SWEEP.format(base=REPO / "configs" / "digits.yaml"))
         run = subprocess.run([str(BIN / "ltsearch"), "tune", str(file), "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "safa")],
@@ -196,8 +239,14 @@ def test_a_sweep_on_a_two_node_cluster_places_trials_on_both_nodes(tmp_path):
         assert entry["epochs_trained"] == 3 and entry["forks"] == 4
         rows = read_table(tmp_path / "safa" / "trials.parquet")
         assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
-        assert len({r["node_id"] for r in rows}) == 2, "every trial ran on one node"
+        assert [r["node_id"] for r in rows] == [worker] * 4, "a trial ran on the node whose CPU was taken"
     finally:
+        if seat is not None:
+            seat.stdin.close()  # the seat's driver ends, and its actor with it
+            try:
+                seat.wait(60)
+            except subprocess.TimeoutExpired:
+                kill_session(seat.pid)
         for node in reversed(nodes):
             node.send_signal(signal.SIGTERM)
         for node in reversed(nodes):

@@ -21,6 +21,7 @@ from ltsearch.ablate.cells import RUN_KEY, CellPlan, read_result, train_cell
 from ltsearch.ablate.outputs import AblationOutcome, finish_ablation
 from ltsearch.ablate.settings import Ablation, parse_ablation
 from ltsearch.ablate.tracking import AblationTracking
+from ltsearch.config import read_saved
 from ltsearch.errors import ConfigError
 from ltsearch.prefix.fork import open_sharing, report_sharing
 from ltsearch.prefix.keys import method_prefix_keys
@@ -53,8 +54,9 @@ def run_ablation(ablation: Ablation, *, directory: str | None = None, address: s
     pending = [run.run_id for run in ablation.runs if read_result(directory, run.run_id) is None]
     if pending:
         check_machine(ablation.execution.resources.cpu, ablation.execution.resources.gpu, address)
-        prewarm(ablation.tracking)
     data = _datasets(plan, pending)  # a missing or corrupt dataset fails here, before anything is written or started
+    if pending:
+        prewarm(ablation.tracking)  # (opening the store creates it: not for an ablation refused above)
     launch = _prepare(ablation, directory, pending)
     print(f"ltsearch ablate: {ablation.source}: {len(ablation.rows)} rows x {len(ablation.column_labels)} columns x {len(ablation.seeds)} seeds "
           f"= {len(ablation.runs)} runs ({len(ablation.runs) - len(pending)} already done, {len(pending)} to run); writing {directory}",
@@ -72,7 +74,7 @@ def resume_ablation(directory: str, *, address: str | None = None, stream: Any =
     saved = Path(directory) / ABLATION_FILE
     if not saved.is_file():
         raise ConfigError("--resume", directory, f"an ablation directory written by `ltsearch ablate` (holding {ABLATION_FILE})")
-    ablation = parse_ablation(yaml.safe_load(saved.read_text()), source=str(saved))
+    ablation = parse_ablation(read_saved(saved, "--resume"), source=str(saved))
     return run_ablation(ablation, directory=directory, address=address, stream=stream)
 
 

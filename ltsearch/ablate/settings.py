@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ltsearch.config import RUN_SECTIONS, apply_overrides, build, build_run_config, get_dotted, load_yaml_text, merge, read_yaml
+from ltsearch.config import RUN_SECTIONS, apply_overrides, build, build_run_config, get_dotted, load_yaml_file, merge, read_yaml
 from ltsearch.errors import ConfigError
 from ltsearch.registry import AUGMENTERS
 from ltsearch.space import apply_point
@@ -117,7 +117,7 @@ def parse_ablation(raw: dict, *, source: str) -> Ablation:
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError("file", str(path), "an existing ablation YAML file")
-    raw = load_yaml_text(path.read_text()) or {}
+    raw = load_yaml_file(path) or {}
     if isinstance(raw, dict) and isinstance(raw.get("base"), dict):  # inline base: its sections under this file's
         inline = raw.pop("base")
         return merge(inline, raw)

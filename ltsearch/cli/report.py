@@ -14,10 +14,11 @@ import argparse
 import csv
 import io
 import json
+import types
 from pathlib import Path
 
-import yaml
-
+from ltsearch.cli._common import one_line_error
+from ltsearch.config import read_saved
 from ltsearch.errors import ConfigError
 
 FORMATS = ("md", "latex", "html", "csv")
@@ -25,6 +26,7 @@ FORMATS = ("md", "latex", "html", "csv")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("report", help="print an ablation's matrix or a sweep's best trials from stored results")
+    parser.error = types.MethodType(one_line_error, parser)  # type: ignore[method-assign]  # (no --set here to do it)
     parser.add_argument("target", help="an ablation or sweep directory, or a name (the newest <storage>/<name>-<time>)")
     parser.add_argument("--format", choices=FORMATS, default="md", help="md (default), latex, html or csv")
     parser.add_argument("--metric", help="the metric to show (default: the ablation's metric, or the sweep's objective)")
@@ -60,6 +62,8 @@ def locate(target: str, storage: Path) -> Path:
         if not ((path / "ablation.yaml").is_file() or (path / "sweep.yaml").is_file()):
             raise ConfigError("target", target, "an ablation directory (ablation.yaml) or a sweep directory (sweep.yaml)")
         return path
+    if path.is_absolute() or len(path.parts) > 1:  # a path, not a name: nothing to look for under storage
+        raise ConfigError("target", target, "an ablation or sweep directory, but there is no directory at this path")
     found = sorted((p for p in storage.glob(f"{target}-*") if (p / "ablation.yaml").is_file() or (p / "sweep.yaml").is_file()),
                    key=lambda p: p.stat().st_mtime)
     if not found:
@@ -96,7 +100,7 @@ def diagnostics_report(directory: Path) -> str:
 def _saved_ablation(directory: Path):
     from ltsearch.ablate.settings import parse_ablation
 
-    return parse_ablation(yaml.safe_load((directory / "ablation.yaml").read_text()), source=str(directory / "ablation.yaml"))
+    return parse_ablation(read_saved(directory / "ablation.yaml", "target"), source=str(directory / "ablation.yaml"))
 
 
 def sweep_report(directory: Path, fmt: str, metric: str | None, top: int) -> str:
@@ -112,7 +116,7 @@ def sweep_report(directory: Path, fmt: str, metric: str | None, top: int) -> str
 
     if fmt not in ("md", "csv"):
         raise ConfigError("--format", fmt, "md or csv for a sweep (latex and html are for ablation matrices)")
-    sweep = parse_sweep(yaml.safe_load((directory / "sweep.yaml").read_text()), source=str(directory / "sweep.yaml"))
+    sweep = parse_sweep(read_saved(directory / "sweep.yaml", "target"), source=str(directory / "sweep.yaml"))
     objective, keys = sweep.objective, list(sweep.space.keys)
     several = objective.multi and metric is None
     metric = metric or objective.metric
@@ -157,7 +161,7 @@ def importance_report(directory: Path) -> str:
     if not (directory / "trials.parquet").is_file():
         raise ConfigError("--importance", str(directory), "a finished sweep (its trials.parquet); importances need every trial's result",
                           hint=f"Finish it first: ltsearch tune --resume {directory}")
-    sweep = parse_sweep(yaml.safe_load((directory / "sweep.yaml").read_text()), source=str(directory / "sweep.yaml"))
+    sweep = parse_sweep(read_saved(directory / "sweep.yaml", "target"), source=str(directory / "sweep.yaml"))
     result = compute(sweep, read_table(directory / "trials.parquet"))
     text = write(result, str(directory), directory.name)
     files = {name: (directory / name).read_bytes() for name in (IMPORTANCE_TABLE, IMPORTANCE_FILE, IMPORTANCE_PLOT)}

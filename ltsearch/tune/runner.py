@@ -89,17 +89,22 @@ def resume_sweep(directory: str, *, address: str | None = None, stream: Any = No
     sweep = parse_sweep(yaml.safe_load(read_text_from(sweep_file)), source=sweep_file)
     if location_exists(_join(directory, TRIALS_FILE)):
         raise ConfigError("--resume", directory, "an unfinished sweep; this one already finished and wrote its results")
+    check_restorable(directory)
     stream = stream or sys.stdout
     with ray_session(address):
-        if not tune.Tuner.can_restore(directory):
-            raise ConfigError("--resume", directory, "a sweep whose experiment state Ray Tune saved (it stopped before its first trial started)",
-                              hint="Start it again instead: `ltsearch tune FILE`.")
         trainable, data_tags, sharing = _trainable(sweep, directory, stream)
         tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True, resume_errored=True)
         print(f"ltsearch tune: resuming {directory}", file=stream, flush=True)
         grid = tuner.fit()
         report_sharing(sharing, stream)
     return _finish(sweep, directory, grid, data_tags, stream)
+
+
+def check_restorable(directory: str) -> None:
+    """Refuse, before Ray starts, a sweep directory without the experiment state Tune restores from (reading it needs no Ray)."""
+    if not tune.Tuner.can_restore(directory):
+        raise ConfigError("--resume", directory, "a sweep whose experiment state Ray Tune saved (it stopped before its first trial started)",
+                          hint="Start it again instead: `ltsearch tune FILE`.")
 
 
 def _finish(sweep: Sweep, directory: str, grid: Any, data_tags: dict[str, str], stream: Any,
