@@ -88,6 +88,7 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
         "smart.weights": False,
         "smart.source": "head",
         "smart.scale": "literal",
+        "smart.tail_features": "append",
     },
     "lcreg": {
         "start_epoch": T_B,
