@@ -68,7 +68,10 @@ def test_each_method_did_what_it_is_for(rows):
             assert d["transferred"] > 0 and d["transferred_share"] == 1.0 and d["omega_min"] > 1.0, where
         elif row.method == "safa":
             assert d["generated"] > 0 and d["q_accuracy"] > 0.5, where
-            assert row.aux["contrastive"][1] < math.log(2), where  # Q's loss below chance
+            first, last = row.aux["contrastive"]
+            assert last < math.log(2), where  # Q's loss below chance (an untrained Q gets there too: see next)
+            if row.regime == "scratch":  # Q learns: 0.671 -> 0.603 measured; with Q's term detached 0.680 -> 0.677
+                assert last < 0.95 * first, where
         elif row.method == "rsg":
             assert d["generated"] > 0 and d["generating_share"] > 0, where
         elif row.method == "lcreg":
