@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     if args.no_share_prefix:
         args.overrides = [*args.overrides, "share_prefix=false"]
     from ltsearch.tune import load_sweep, resume_sweep, run_sweep  # Ray and torch: imported only when a sweep runs
-    from ltsearch.tune._names import _absolute
     from ltsearch.tune.runner import check_restorable
     from ltsearch.tune.session import ray_session
 
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             outcome = resume_sweep(args.resume, address=args.address)
         else:
             preflight(sweep, args.address, None)
-            check_restorable(_absolute(args.resume))
+            check_restorable(args.resume)  # before joining a cluster; resume_sweep checks again for Python callers
             joining = args.address not in (None, "local")
             with ray_session(args.address) if joining else contextlib.nullcontext():
                 if joining:

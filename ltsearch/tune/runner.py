@@ -102,6 +102,7 @@ def resume_sweep(directory: str, *, address: str | None = None, stream: Any = No
 
 def check_restorable(directory: str) -> None:
     """Refuse, before Ray starts, a sweep directory without the experiment state Tune restores from (reading it needs no Ray)."""
+    directory = _absolute(directory)
     if not tune.Tuner.can_restore(directory):
         raise ConfigError("--resume", directory, "a sweep whose experiment state Ray Tune saved (it stopped before its first trial started)",
                           hint="Start it again instead: `ltsearch tune FILE`.")
